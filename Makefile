@@ -1,0 +1,39 @@
+# onehop — the single entry point. `make help` lists the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# CPU machines pin the CPU torch wheel; GPU users: `make install CONSTRAINTS=` and bring your torch.
+CONSTRAINTS ?= constraints-cpu.txt
+PROTO_SRC := $(wildcard protos/inference/*.proto protos/onehop/v1/*.proto)
+
+.DEFAULT_GOAL := help
+.PHONY: help install protos protos-check test test-e2e lint demo up
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install onehop with its dev tools
+
+protos: $(VENV)/.installed  ## regenerate protos/**/_pb2*.py(i) from the .proto files
+	PATH="$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --mypy_out=. \
+	    --mypy_grpc_out=. $(PROTO_SRC)
+
+test: install  ## run the test suite (unit, service, end to end)
+	$(PY) -m pytest -q
+
+lint: install  ## ruff and mypy over the hand-written code
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+up: install  ## start the mesh in the foreground (Ctrl-C stops it)
+	$(VENV)/bin/onehop up
+
+demo: install  ## the main job: ingest, train, predict twice, report
+	$(VENV)/bin/onehop demo

@@ -1,0 +1,250 @@
+"""The one error table (DESIGN §7): domain errors → gRPC codes → HTTP statuses.
+
+Services raise these; the gRPC interceptor, the FastAPI handlers and the Flight edge map
+them. Anything else becomes INTERNAL with a generic message and a correlation id that is
+logged next to the real traceback — the exception text never reaches the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+import pyarrow as pa
+import pyarrow.flight as flight
+
+log = logging.getLogger(__name__)
+
+
+class OnehopError(Exception):
+    """Base of every error a client may see; its message is safe to send."""
+
+    code = grpc.StatusCode.INTERNAL
+    http_status = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(OnehopError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 400
+
+
+class NotFound(OnehopError):
+    code = grpc.StatusCode.NOT_FOUND
+    http_status = 404
+
+
+class Unavailable(OnehopError):
+    code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+
+
+class ResourceExhausted(OnehopError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
+
+
+class PayloadTooLarge(ResourceExhausted):
+    http_status = 413
+
+
+class DeadlineExceeded(OnehopError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 504
+
+
+class FailedPrecondition(OnehopError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 400
+
+
+class Unauthenticated(OnehopError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+
+
+class PermissionDenied(OnehopError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    http_status = 403
+
+
+class Internal(OnehopError):
+    """Unexpected failure; the message is generic and carries a correlation id."""
+
+    @classmethod
+    def wrap(cls, exc: BaseException) -> Internal:
+        correlation_id = uuid.uuid4().hex[:12]
+        log.error("unexpected error (correlation id %s)", correlation_id, exc_info=exc)
+        return cls(f"internal error (correlation id {correlation_id})")
+
+
+_BY_CODE: dict[grpc.StatusCode, type[OnehopError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        Unavailable,
+        ResourceExhausted,
+        DeadlineExceeded,
+        FailedPrecondition,
+        Unauthenticated,
+        PermissionDenied,
+    )
+}
+RETRY_AFTER_SECONDS = 1
+
+
+def from_rpc_error(exc: grpc.RpcError) -> OnehopError:
+    """A downstream onehop service's status, re-raised at this edge with the same code.
+
+    Messages from our own services are already safe; a transport failure reads as the
+    dependency being down.
+    """
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else ""
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return Unavailable(f"dependency unavailable: {details or code.name}")
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return Internal(details or "internal error")
+    return cls(details or code.name)
+
+
+def to_onehop_error(exc: BaseException) -> OnehopError:
+    if isinstance(exc, OnehopError):
+        return exc
+    if isinstance(exc, grpc.RpcError):
+        return from_rpc_error(exc)
+    return Internal.wrap(exc)
+
+
+# --- gRPC -------------------------------------------------------------------------------
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Applies the error table to every handler of a grpc.aio server."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    error = to_onehop_error(exc)
+    if error.code == grpc.StatusCode.UNAVAILABLE:
+        context.set_trailing_metadata((("retry-after", str(RETRY_AFTER_SECONDS)),))
+    await context.abort(error.code, error.message)
+
+
+def _wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # the error table's catch-all: mapped, never leaked
+            await _abort(context, exc)
+
+    return wrapper
+
+
+def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return wrapper
+
+
+# --- Arrow Flight -------------------------------------------------------------------------
+#
+# pyarrow's Flight server appends a Python traceback to the message of any exception that is
+# not a FlightError, and FlightError subclasses exist only for UNAVAILABLE, INTERNAL,
+# UNAUTHENTICATED, PERMISSION_DENIED, DEADLINE_EXCEEDED and CANCELLED. Client mistakes are
+# therefore sent as FlightServerError (gRPC UNKNOWN) whose message leads with the table's
+# code name, e.g. "NOT_FOUND: no dataset 'x'"; `from_flight_error` reads it back.
+
+_FLIGHT_CLASSES: dict[grpc.StatusCode, type[flight.FlightError]] = {
+    grpc.StatusCode.UNAVAILABLE: flight.FlightUnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: flight.FlightUnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: flight.FlightUnauthorizedError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: flight.FlightTimedOutError,
+    grpc.StatusCode.INTERNAL: flight.FlightInternalError,
+}
+
+
+def to_flight_error(exc: BaseException) -> flight.FlightError:
+    if isinstance(exc, flight.FlightError):
+        return exc
+    error = to_onehop_error(exc)
+    cls = _FLIGHT_CLASSES.get(error.code, flight.FlightServerError)
+    return cls(f"{error.code.name}: {error.message}")
+
+
+@contextmanager
+def flight_errors() -> Iterator[None]:
+    """Wrap a Flight handler body: domain errors leave as clean Flight errors."""
+    try:
+        yield
+    except flight.FlightError:
+        raise
+    except Exception as exc:
+        raise to_flight_error(exc) from None
+
+
+def from_flight_error(exc: BaseException) -> OnehopError:
+    """The domain error behind a Flight client exception (ours or a peer's)."""
+    if isinstance(exc, flight.FlightUnavailableError):
+        return Unavailable(_flight_message(exc))
+    if isinstance(exc, flight.FlightTimedOutError):
+        return DeadlineExceeded(_flight_message(exc))
+    if isinstance(exc, flight.FlightUnauthenticatedError):
+        return Unauthenticated(_flight_message(exc))
+    if isinstance(exc, flight.FlightUnauthorizedError):
+        return PermissionDenied(_flight_message(exc))
+    if isinstance(exc, flight.FlightError | pa.ArrowException):
+        message = _flight_message(exc)
+        head, _, rest = message.partition(": ")
+        cls = _BY_CODE.get(getattr(grpc.StatusCode, head, None))  # type: ignore[arg-type]
+        if cls is not None:
+            return cls(rest)
+        return Internal(message)
+    return to_onehop_error(exc)
+
+
+def _flight_message(exc: BaseException) -> str:
+    """The server's message without the transport's '. Detail: ...' tail."""
+    text = str(exc)
+    for prefix in ("Flight error: ",):
+        text = text.removeprefix(prefix)
+    return text.split(". Detail:", 1)[0].split(". gRPC client debug context", 1)[0]

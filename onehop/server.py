@@ -58,7 +58,10 @@ class GrpcServer:
 
     async def start(self) -> int:
         if self.settings.reflection:
-            names = [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+            names = [
+                *self._service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            ]
             reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
         self.port = self.server.add_insecure_port(f"{self.settings.host}:{self._requested_port}")
         await self.server.start()
@@ -131,9 +134,7 @@ class Running:
         await self._stop()
 
 
-async def serve_forever(
-    service: str, settings: Settings, start: Callable[[Settings], Any]
-) -> None:
+async def serve_forever(service: str, settings: Settings, start: Callable[[Settings], Any]) -> None:
     """`python -m <service>`: start, announce, wait for SIGINT/SIGTERM, drain, withdraw."""
     running: Running = await start(settings)
     announce(settings, service, running.endpoints)

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     cache_flight_address: str = ""
     shard_address: str = ""
     trainer_address: str = ""
+    # LMDB directory of a cache replica on this host: the gateway then reads hits from its
+    # memory map (zero hops). Empty = every lookup goes to cache_address.
+    cache_path: str = ""
 
     cache_size_bytes: int = Field(1 * GiB, ge=16 * MiB)
     default_shards: int = Field(8, ge=1, le=4096)
@@ -52,7 +55,6 @@ class Settings(BaseSettings):
     model_info_ttl_seconds: float = Field(2.0, ge=0)
     # Pending write-backs to the cache beyond this many are dropped (off the critical path).
     max_pending_writebacks: int = Field(64, ge=1)
-
 
     @field_validator("data_dir")
     @classmethod

@@ -26,7 +26,8 @@ protos: $(VENV)/.installed  ## regenerate protos/**/_pb2*.py(i) from the .proto 
 	    --mypy_grpc_out=. $(PROTO_SRC)
 
 test: install  ## run the test suite (unit, service, end to end)
-	$(PY) -m pytest -q
+	@# pytest exits 5 when it collected no tests: that is not a failure of the suite.
+	$(PY) -m pytest -q -p no:cacheprovider || [ $$? -eq 5 ]
 
 lint: install  ## ruff and mypy over the hand-written code
 	$(VENV)/bin/ruff check .

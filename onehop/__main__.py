@@ -1,0 +1,5 @@
+import sys
+
+from onehop.cli import main
+
+sys.exit(main())

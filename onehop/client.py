@@ -1,0 +1,197 @@
+"""A small client of the gateway for the CLI and the demo: Flight for data, gRPC
+(`onehop.v1.Gateway`) for jobs and lists, the HTTP bridge for predictions."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.flight as flight
+import pyarrow.parquet as pq
+
+from onehop.channels import flight_location, sync_channel
+from onehop.errors import InvalidArgument, NotFound, from_flight_error, from_rpc_error
+from onehop.launcher import pid_alive, read_run_file
+from onehop.settings import Settings
+from protos.onehop.v1 import data_pb2, gateway_pb2, gateway_pb2_grpc, trainer_pb2
+
+
+@dataclass(frozen=True)
+class Prediction:
+    outputs: dict[str, np.ndarray]
+    model_version: str
+    cache: str
+    hops: int
+    seconds: float
+
+
+def gateway_endpoints(settings: Settings) -> dict[str, str]:
+    """The running gateway's endpoints: its run file in the data dir, else the settings."""
+    info = read_run_file(settings.data_dir, "gateway")
+    if info and pid_alive(int(info["pid"])):
+        return info["endpoints"]
+    host = settings.host
+    return {
+        "grpc": f"{host}:{settings.gateway_grpc_port}",
+        "http": f"{host}:{settings.gateway_http_port}",
+        "flight": f"{host}:{settings.gateway_flight_port}",
+    }
+
+
+def read_batches(path: Path) -> pa.RecordBatchReader:
+    """A streaming reader over a CSV, Parquet or Arrow IPC file (never loaded whole)."""
+    if not path.is_file():
+        raise NotFound(f"no such file: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".txt"):
+            return pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22))
+        if suffix in (".parquet", ".pq"):
+            parquet = pq.ParquetFile(path)
+            return pa.RecordBatchReader.from_batches(
+                parquet.schema_arrow, parquet.iter_batches(batch_size=65_536)
+            )
+        if suffix in (".arrow", ".ipc", ".feather"):
+            source = pa.memory_map(str(path))
+            try:
+                return pa.ipc.open_file(source).to_reader()  # type: ignore[attr-defined]
+            except pa.ArrowInvalid:
+                return pa.ipc.open_stream(pa.memory_map(str(path)))
+    except pa.ArrowInvalid as exc:
+        raise InvalidArgument(f"cannot read {path}: {exc}") from None
+    raise InvalidArgument(f"unsupported file type {suffix!r}: use .csv, .parquet or .arrow")
+
+
+class GatewayClient:
+    def __init__(self, settings: Settings, timeout: float = 30.0):
+        self.endpoints = gateway_endpoints(settings)
+        self.timeout = timeout
+        self._channel = sync_channel(self.endpoints["grpc"], settings)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._flight = flight.connect(flight_location(self.endpoints["flight"]))
+        self._http = httpx.Client(base_url=f"http://{self.endpoints['http']}", timeout=timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+        self._flight.close()
+        self._http.close()
+
+    def __enter__(self) -> GatewayClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- data ----------------------------------------------------------------------------
+
+    def ingest(
+        self, reader: pa.RecordBatchReader, name: str, shards: int = 0, key: str = ""
+    ) -> data_pb2.DatasetInfo:
+        command = data_pb2.IngestRequest(dataset=name, shards=shards, key=key)
+        descriptor = flight.FlightDescriptor.for_command(command.SerializeToString())
+        try:
+            writer, metadata = self._flight.do_put(descriptor, reader.schema)
+            with writer:
+                for batch in reader:
+                    writer.write_batch(batch)
+                writer.done_writing()
+                answer = metadata.read()
+        except (flight.FlightError, pa.ArrowException) as exc:
+            raise from_flight_error(exc) from None
+        if answer is None:
+            raise InvalidArgument("the gateway did not acknowledge the ingest")
+        return data_pb2.DatasetInfo.FromString(answer.to_pybytes())
+
+    def plan(self, request: data_pb2.DataRequest) -> flight.FlightInfo:
+        descriptor = flight.FlightDescriptor.for_command(request.SerializeToString())
+        try:
+            return self._flight.get_flight_info(descriptor)
+        except (flight.FlightError, pa.ArrowException) as exc:
+            raise from_flight_error(exc) from None
+
+    # --- control -------------------------------------------------------------------------
+
+    def _call(self, method, request):  # type: ignore[no-untyped-def]
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def datasets(self) -> list[data_pb2.DatasetInfo]:
+        return list(self._call(self._stub.ListDatasets, gateway_pb2.ListDatasetsRequest()).datasets)
+
+    def models(self) -> list[trainer_pb2.ModelInfo]:
+        return list(self._call(self._stub.ListModels, trainer_pb2.ListModelsRequest()).models)
+
+    def model(self, name: str) -> trainer_pb2.ModelInfo:
+        return self._call(self._stub.GetModel, trainer_pb2.GetModelRequest(name=name))
+
+    def start_job(self, request: trainer_pb2.StartJobRequest) -> str:
+        return self._call(self._stub.StartJob, request).job_id
+
+    def watch_job(self, job_id: str) -> Iterator[trainer_pb2.JobStatus]:
+        try:
+            yield from self._stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job_id))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def cluster(self) -> list[gateway_pb2.ServiceStatus]:
+        reply = self._call(self._stub.GetClusterStatus, gateway_pb2.GetClusterStatusRequest())
+        return list(reply.services)
+
+    # --- inference (HTTP bridge, OIP v2 JSON) ---------------------------------------------
+
+    def predict(self, model: str, rows: np.ndarray) -> Prediction:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        body = {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": list(rows.shape),
+                    "data": rows.ravel().tolist(),
+                }
+            ]
+        }
+        response = self._http.post(f"/v2/models/{model}/infer", content=json.dumps(body))
+        if response.status_code != 200:
+            raise _http_error(response)
+        reply = response.json()
+        outputs = {
+            out["name"]: np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+            for out in reply["outputs"]
+        }
+        return Prediction(
+            outputs=outputs,
+            model_version=str(reply.get("model_version", "")),
+            cache=response.headers.get("onehop-cache", ""),
+            hops=int(response.headers.get("onehop-hops", "-1")),
+            seconds=response.elapsed.total_seconds(),
+        )
+
+
+def _http_error(response: httpx.Response) -> Exception:
+    from onehop import errors
+
+    try:
+        message = response.json().get("error", response.text)
+    except ValueError:
+        message = response.text
+    by_status = {
+        400: errors.InvalidArgument,
+        401: errors.Unauthenticated,
+        403: errors.PermissionDenied,
+        404: errors.NotFound,
+        413: errors.PayloadTooLarge,
+        429: errors.ResourceExhausted,
+        503: errors.Unavailable,
+        504: errors.DeadlineExceeded,
+    }
+    return by_status.get(response.status_code, errors.Internal)(message)

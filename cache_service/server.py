@@ -1,0 +1,85 @@
+"""The cache process: LMDB store, `onehop.v1.Cache` + health on gRPC, cached shards on
+Arrow Flight. Health turns SERVING only once the store is open."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from cache_service.flight import CacheFlightServer
+from cache_service.servicer import SERVICE_NAME, CacheServicer
+from cache_service.store import CacheStore
+from onehop.channels import flight_location
+from onehop.server import GrpcServer, Running
+from onehop.settings import Settings
+from protos.onehop.v1 import cache_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Threads that run LMDB work for gRPC calls. Puts wait there for their group commit, so
+# more threads = bigger batches; the store keeps half of its 126 reader slots in reserve.
+IO_THREADS = 32
+
+
+class CacheServer:
+    """The cache's servers in two steps: `listen` (gRPC up, health NOT_SERVING, calls
+    UNAVAILABLE) then `open` (store open, Flight up, SERVING)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="cache-io")
+        self.servicer = CacheServicer(executor=self.executor)
+        self.grpc = GrpcServer(settings, settings.cache_grpc_port)
+        self.grpc.add(cache_pb2_grpc.add_CacheServicer_to_server, self.servicer, SERVICE_NAME)
+        self.store: CacheStore | None = None
+        self.flight: CacheFlightServer | None = None
+        self._stopped = False
+
+    async def listen(self) -> str:
+        await self.grpc.start()
+        return self.grpc.address
+
+    async def open(self) -> dict[str, str]:
+        settings = self.settings
+        # Opened here, in the serving process (after any fork), off the event loop: the
+        # index scan of a large warm cache takes a while.
+        self.store = await asyncio.to_thread(
+            CacheStore, settings.service_dir("cache"), settings.cache_size_bytes
+        )
+        location = flight_location(f"{settings.host}:{settings.cache_flight_port}")
+        self.flight = await asyncio.to_thread(CacheFlightServer, self.store, location)
+        self.servicer.store = self.store
+        await self.grpc.set_serving(True)
+        log.info("cache serving: %s", self.endpoints)
+        return self.endpoints
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        endpoints = {"grpc": self.grpc.address}
+        if self.flight is not None:
+            endpoints["flight"] = f"{self.settings.host}:{self.flight.port}"
+        return endpoints
+
+    async def stop(self) -> None:
+        """NOT_SERVING, drain gRPC, stop Flight, finish queued writes, close LMDB."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.grpc.stop()
+        if self.flight is not None:
+            await asyncio.to_thread(self.flight.shutdown)
+        await asyncio.to_thread(self.executor.shutdown, True)
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
+
+
+async def start(settings: Settings) -> Running:
+    server = CacheServer(settings)
+    await server.listen()
+    try:
+        endpoints = await server.open()
+    except BaseException:
+        await server.stop()
+        raise
+    return Running(endpoints, server.stop)

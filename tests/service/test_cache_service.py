@@ -1,0 +1,232 @@
+"""The cache service in-process on port 0: gRPC KV, health, and Arrow Flight shards."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import grpc
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cache_service.server import CacheServer, start
+from onehop.channels import aio_channel, flight_location
+from onehop.dataplane import arrange
+from onehop.errors import FailedPrecondition, NotFound, from_flight_error
+from onehop.settings import Settings
+from protos.onehop.v1 import cache_pb2, cache_pb2_grpc, data_pb2
+
+pytestmark = pytest.mark.timeout(60)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture
+async def cache(settings: Settings):
+    running = await start(settings)
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def stub(cache, settings: Settings):
+    async with aio_channel(cache.endpoints["grpc"], settings) as channel:
+        yield cache_pb2_grpc.CacheStub(channel)
+
+
+@pytest.fixture
+def flight_client(cache):
+    client = flight.connect(flight_location(cache.endpoints["flight"]))
+    yield client
+    client.close()
+
+
+def shard_table(rows: int = 1000) -> pa.Table:
+    rng = np.random.default_rng(0)
+    return pa.table(
+        {"id": np.arange(rows), "x": rng.normal(size=rows), "label": rng.integers(0, 2, rows)}
+    )
+
+
+def ticket(**fields) -> data_pb2.ShardTicket:
+    return data_pb2.ShardTicket(**{"dataset": "loans", "version": 1, "shard": 3, **fields})
+
+
+async def test_health_turns_serving_only_once_the_store_is_open(settings: Settings) -> None:
+    server = CacheServer(settings)
+    address = await server.listen()
+    try:
+        async with aio_channel(address, settings) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = await health.Check(health_pb2.HealthCheckRequest())
+            assert check.status == NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await cache_pb2_grpc.CacheStub(channel).Get(cache_pb2.GetRequest(key=b"pred/a"))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "not open yet" in info.value.details()
+
+            endpoints = await server.open()
+            assert endpoints["grpc"] == address and endpoints["flight"]
+            for service in ("", "onehop.v1.Cache"):
+                check = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                assert check.status == SERVING
+    finally:
+        await server.stop()
+
+
+async def test_grpc_round_trip(stub: cache_pb2_grpc.CacheStub) -> None:
+    entries = [cache_pb2.Entry(key=f"pred/m/{i}".encode(), value=bytes([i]) * 8) for i in range(3)]
+    put = await stub.BatchPut(cache_pb2.BatchPutRequest(entries=entries))
+    assert put.written == 3
+    await stub.Put(cache_pb2.PutRequest(key=b"shard/d/0", value=b"payload"))
+
+    got = await stub.BatchGet(
+        cache_pb2.BatchGetRequest(keys=[b"pred/m/2", b"pred/m/9", b"pred/m/0", b"shard/d/0"])
+    )
+    assert list(got.found) == [True, False, True, True]
+    assert list(got.values) == [b"\x02" * 8, b"", b"\x00" * 8, b"payload"]
+    single = await stub.Get(cache_pb2.GetRequest(key=b"pred/m/1"))
+    assert single.found and single.value == b"\x01" * 8
+
+    contains = await stub.Contains(cache_pb2.ContainsRequest(keys=[b"pred/m/1", b"pred/x"]))
+    assert list(contains.found) == [True, False]
+    deleted = await stub.Delete(cache_pb2.DeleteRequest(keys=[b"pred/m/1", b"pred/x"]))
+    assert deleted.deleted == 1
+    assert not (await stub.Get(cache_pb2.GetRequest(key=b"pred/m/1"))).found
+
+    stats = await stub.GetStats(cache_pb2.GetStatsRequest())
+    pred = stats.namespaces["pred"]
+    assert (pred.hits, pred.misses, pred.entries) == (3, 2, 2)
+    assert stats.namespaces["shard"].hits == 1
+    assert stats.capacity_bytes == 64 << 20
+    assert 0 < stats.used_bytes == pred.bytes + stats.namespaces["shard"].bytes
+
+
+async def test_bad_key_is_invalid_argument_with_a_useful_message(
+    stub: cache_pb2_grpc.CacheStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.BatchPut(
+            cache_pb2.BatchPutRequest(entries=[cache_pb2.Entry(key=b"", value=b"v")])
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cache key must be 1-511 bytes, got 0 bytes" in info.value.details()
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Get(cache_pb2.GetRequest(key=b"k" * 600))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "got 600 bytes" in info.value.details()
+
+
+async def test_value_over_the_budget_is_resource_exhausted(settings: Settings) -> None:
+    settings = settings.model_copy(update={"cache_size_bytes": 16 << 20})
+    running = await start(settings)
+    try:
+        async with aio_channel(running.endpoints["grpc"], settings) as channel:
+            stub = cache_pb2_grpc.CacheStub(channel)
+            await stub.Put(cache_pb2.PutRequest(key=b"pred/m/kept", value=b"k"))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Put(cache_pb2.PutRequest(key=b"shard/d/big", value=bytes(17 << 20)))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "budget of 16777216 bytes" in info.value.details()
+            assert (await stub.Get(cache_pb2.GetRequest(key=b"pred/m/kept"))).value == b"k"
+    finally:
+        await running.stop()
+
+
+async def test_flight_put_then_get_returns_the_shard(
+    flight_client: flight.FlightClient, stub: cache_pb2_grpc.CacheStub
+) -> None:
+    table = shard_table()
+    await asyncio.to_thread(put_shard, flight_client, ticket(), table)
+
+    plain = await asyncio.to_thread(get_shard, flight_client, ticket())
+    assert plain.equals(table)
+
+    # Another epoch of the same prepared shard hits the same entry, shuffled for that epoch.
+    shuffled_ticket = ticket(shuffle=True, seed=7, epoch=2, offset=100)
+    shuffled = await asyncio.to_thread(get_shard, flight_client, shuffled_ticket)
+    assert shuffled.equals(arrange(table, shuffled_ticket))
+    assert shuffled.num_rows == 900
+    assert not shuffled.column("id").equals(table.column("id").slice(100))
+    assert sorted(shuffled.column("id").to_pylist()) != shuffled.column("id").to_pylist()
+
+    stats = await stub.GetStats(cache_pb2.GetStatsRequest())
+    assert stats.namespaces["shard"].hits == 2
+    assert stats.namespaces["shard"].entries == 1
+
+
+async def test_flight_get_of_an_uncached_shard_is_not_found(
+    flight_client: flight.FlightClient, stub: cache_pb2_grpc.CacheStub
+) -> None:
+    with pytest.raises(flight.FlightError) as info:
+        await asyncio.to_thread(get_shard, flight_client, ticket(shard=99))
+    error = from_flight_error(info.value)
+    assert isinstance(error, NotFound)
+    assert "shard not cached: loans v1 shard 99" in error.message
+    assert "Traceback" not in str(info.value) and ".py" not in str(info.value)
+
+    stats = await stub.GetStats(cache_pb2.GetStatsRequest())
+    assert stats.namespaces["shard"].misses == 1
+
+
+async def test_flight_malformed_ticket_is_invalid_argument(
+    flight_client: flight.FlightClient,
+) -> None:
+    with pytest.raises(flight.FlightError) as info:
+        await asyncio.to_thread(lambda: flight_client.do_get(flight.Ticket(b"\xff\xff")).read_all())
+    assert from_flight_error(info.value).code == grpc.StatusCode.INVALID_ARGUMENT
+
+    descriptor = flight.FlightDescriptor.for_path("loans")
+    with pytest.raises(flight.FlightError) as info:
+        await asyncio.to_thread(put_descriptor, flight_client, descriptor, shard_table(10))
+    assert from_flight_error(info.value).code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "for_command" in str(info.value)
+
+
+async def test_garbage_store_fails_start_and_keeps_the_file(settings: Settings) -> None:
+    data = settings.service_dir("cache") / "data.mdb"
+    garbage = os.urandom(32 << 10)
+    data.write_bytes(garbage)
+    with pytest.raises(FailedPrecondition, match="not a valid LMDB file"):
+        await start(settings)
+    assert data.read_bytes() == garbage
+
+
+async def test_restarted_service_serves_its_old_entries(settings: Settings) -> None:
+    running = await start(settings)
+    async with aio_channel(running.endpoints["grpc"], settings) as channel:
+        await cache_pb2_grpc.CacheStub(channel).Put(
+            cache_pb2.PutRequest(key=b"pred/m/warm", value=b"still here")
+        )
+    await running.stop()
+
+    running = await start(settings)
+    try:
+        async with aio_channel(running.endpoints["grpc"], settings) as channel:
+            got = await cache_pb2_grpc.CacheStub(channel).Get(
+                cache_pb2.GetRequest(key=b"pred/m/warm")
+            )
+        assert got.found and got.value == b"still here"
+    finally:
+        await running.stop()
+
+
+def put_descriptor(
+    client: flight.FlightClient, descriptor: flight.FlightDescriptor, table: pa.Table
+) -> None:
+    writer, _ = client.do_put(descriptor, table.schema)
+    writer.write_table(table, max_chunksize=256)
+    writer.close()
+
+
+def put_shard(client: flight.FlightClient, shard: data_pb2.ShardTicket, table: pa.Table) -> None:
+    put_descriptor(client, flight.FlightDescriptor.for_command(shard.SerializeToString()), table)
+
+
+def get_shard(client: flight.FlightClient, shard: data_pb2.ShardTicket) -> pa.Table:
+    return client.do_get(flight.Ticket(shard.SerializeToString())).read_all()

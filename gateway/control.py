@@ -33,6 +33,7 @@ HEALTH_TIMEOUT_SECONDS = 1.0
 if TYPE_CHECKING:
     from onehop.dataplane import DataClient
 
+
 @dataclass(frozen=True)
 class ServiceHealth:
     name: str
@@ -114,8 +115,9 @@ class GatewayControl:
 
     async def cluster_status(self) -> list[ServiceHealth]:
         """Probe every inner service at once, each with a short deadline."""
+        services = self.inner_services()
         probes: list[Awaitable[str]] = []
-        for _, address, protocol in self.inner_services():
+        for _, address, protocol in services:
             if protocol == "grpc":
                 probes.append(self._grpc_health(address))
             else:
@@ -123,7 +125,7 @@ class GatewayControl:
         healths = await asyncio.gather(*probes)
         return [
             ServiceHealth(name, address, health, protocol)
-            for (name, address, protocol), health in zip(self.inner_services(), healths)
+            for (name, address, protocol), health in zip(services, healths, strict=True)
         ]
 
     async def _grpc_health(self, address: str) -> str:

@@ -215,9 +215,7 @@ def grpc_outputs(response: pb.ModelInferResponse, rows: int) -> dict[str, np.nda
     """A model server's response → {name: [rows, k] float32}, in the response's order."""
     raw = response.raw_output_contents
     if raw and len(raw) != len(response.outputs):
-        raise InvalidArgument(
-            f"{len(raw)} raw_output_contents for {len(response.outputs)} outputs"
-        )
+        raise InvalidArgument(f"{len(raw)} raw_output_contents for {len(response.outputs)} outputs")
     outputs: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(response.outputs):
         if tensor.datatype != FP32:

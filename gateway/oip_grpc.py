@@ -1,0 +1,67 @@
+"""inference.GRPCInferenceService at the gateway: a thin edge over the InferenceRouter.
+
+Domain errors propagate; the server's ErrorInterceptor maps them to status codes.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+import onehop
+from gateway import tensors
+from gateway.router import InferenceRouter
+from onehop.errors import DeadlineExceeded
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc
+
+SERVER_NAME = "onehop"
+EXTENSIONS = ("binary_tensor_data",)
+
+
+class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, router: InferenceRouter):
+        self.router = router
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=await self.router.server_ready())
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(
+            ready=await self.router.model_ready(request.name, request.version)
+        )
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=onehop.__version__, extensions=list(EXTENSIONS)
+        )
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        metadata = await self.router.model_metadata(request.name, request.version)
+        return tensors.metadata_to_grpc(metadata)
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        parsed = tensors.grpc_to_request(request)
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded("the request's deadline passed before it could be served")
+        result = await self.router.infer(parsed.model, parsed.version, parsed.rows, remaining)
+        response = tensors.grpc_response(parsed, result.model_version, result.outputs)
+        context.set_trailing_metadata(
+            (("onehop-cache", result.cache), ("onehop-hops", str(result.hops)))
+        )
+        return response

@@ -1,12 +1,34 @@
 """The data plane's shared pieces: how a prepared shard is arranged for one read (shuffle by
-(seed, epoch), resume offset), so the shard service and the cache serve identical rows."""
+(seed, epoch), resume offset), so the shard service and the cache serve identical rows; and
+`DataClient`, the Flight client of the shard service and the cache."""
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Iterable
+
+import grpc
 import numpy as np
 import pyarrow as pa
+import pyarrow.flight as flight
 
-from protos.onehop.v1 import data_pb2
+from onehop.channels import flight_location, sync_channel
+from onehop.errors import (
+    InvalidArgument,
+    OnehopError,
+    Unavailable,
+    from_flight_error,
+)
+from onehop.keys import shard_key
+from onehop.settings import Settings
+from protos.onehop.v1 import cache_pb2, cache_pb2_grpc, data_pb2
+
+log = logging.getLogger(__name__)
+
+# DoPut app_metadata by which a client abandons an ingest whose source failed mid-stream:
+# Flight cannot cancel a DoPut, and a plain end of stream would publish a partial version.
+INGEST_ABORT = b"onehop:abort-ingest"
 
 
 def epoch_permutation(rows: int, seed: int, epoch: int, salt: int = 0) -> np.ndarray:
@@ -23,3 +45,218 @@ def arrange(table: pa.Table, ticket: data_pb2.ShardTicket) -> pa.Table:
     if ticket.offset:
         table = table.slice(min(ticket.offset, table.num_rows))
     return table
+
+
+class DataClient:
+    """The data plane's client (sync, thread-safe): plans that put the cache first, reads
+    that fall back from one location to the next, ingest by Flight DoPut.
+
+    Used by the gateway's Flight server and by the trainer. `settings.shard_address` is the
+    shard service's Flight host:port; `cache_address` (cache gRPC) and
+    `cache_flight_address` may be empty (no cache).
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.shard_location = (
+            flight.Location(flight_location(settings.shard_address))
+            if settings.shard_address
+            else None
+        )
+        self.cache_location = (
+            flight.Location(flight_location(settings.cache_flight_address))
+            if settings.cache_flight_address
+            else None
+        )
+        self._clients: dict[str, flight.FlightClient] = {}
+        self._lock = threading.Lock()
+        self._cache_channel = (
+            sync_channel(settings.cache_address, settings) if settings.cache_address else None
+        )
+        self._cache = cache_pb2_grpc.CacheStub(self._cache_channel) if self._cache_channel else None
+
+    # --- connections -----------------------------------------------------------------------
+
+    def _client(self, location: flight.Location | str) -> flight.FlightClient:
+        uri = location.uri.decode() if isinstance(location, flight.Location) else location
+        if uri.startswith("arrow-flight-reuse-connection:"):
+            # Flight's "the server that sent this plan": ours is the shard service.
+            uri = self._shard_location().uri.decode()
+        with self._lock:
+            client = self._clients.get(uri)
+            if client is None:
+                client = self._clients[uri] = flight.connect(uri)
+            return client
+
+    @property
+    def _shard(self) -> flight.FlightClient:
+        return self._client(self._shard_location())
+
+    def _shard_location(self) -> flight.Location:
+        if self.shard_location is None:
+            raise Unavailable("no shard service configured: set ONEHOP_SHARD_ADDRESS")
+        return self.shard_location
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
+        if self._cache_channel is not None:
+            self._cache_channel.close()
+
+    def __enter__(self) -> DataClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- control -----------------------------------------------------------------------------
+
+    def _action(self, kind: str, body: bytes = b"") -> bytes:
+        try:
+            results = list(self._shard.do_action(flight.Action(kind, body)))
+        except (flight.FlightError, pa.ArrowException) as exc:
+            raise from_flight_error(exc) from None
+        if not results:
+            raise Unavailable(f"the shard service sent no result for {kind!r}")
+        return results[0].body.to_pybytes()
+
+    def describe(self, dataset: str, version: int = 0) -> data_pb2.DatasetInfo:
+        body = data_pb2.DataRequest(dataset=dataset, version=version).SerializeToString()
+        return data_pb2.DatasetInfo.FromString(self._action("describe", body))
+
+    def list_datasets(self) -> list[data_pb2.DatasetInfo]:
+        response = data_pb2.ListDatasetsResponse.FromString(self._action("list-datasets"))
+        return list(response.datasets)
+
+    # --- plan and read -----------------------------------------------------------------------
+
+    def plan(self, request: data_pb2.DataRequest) -> flight.FlightInfo:
+        """The shard service's plan with each cached shard's cache location put first."""
+        descriptor = flight.FlightDescriptor.for_command(request.SerializeToString())
+        try:
+            info = self._shard.get_flight_info(descriptor)
+        except (flight.FlightError, pa.ArrowException) as exc:
+            raise from_flight_error(exc) from None
+        endpoints = list(info.endpoints)
+        cached = self._cached([e.ticket.ticket for e in endpoints])
+        planned = [
+            flight.FlightEndpoint(
+                endpoint.ticket,
+                [self.cache_location, *(endpoint.locations or [self._shard_location()])]
+                if hit and self.cache_location is not None
+                else list(endpoint.locations or [self._shard_location()]),
+            )
+            for endpoint, hit in zip(endpoints, cached, strict=True)
+        ]
+        return flight.FlightInfo(
+            info.schema, info.descriptor, planned, info.total_records, info.total_bytes
+        )
+
+    def _cached(self, tickets: list[bytes]) -> list[bool]:
+        """One batched Contains for every ticket's shard key; a cache that is down, slow or
+        not configured holds nothing."""
+        if self._cache is None or self.cache_location is None or not tickets:
+            return [False] * len(tickets)
+        keys = [shard_key(data_pb2.ShardTicket.FromString(t)) for t in tickets]
+        try:
+            response = self._cache.Contains(
+                cache_pb2.ContainsRequest(keys=keys),
+                timeout=self.settings.cache_timeout_seconds,
+            )
+        except grpc.RpcError as exc:
+            log.debug("cache Contains failed (%s); planning without the cache", exc.code())
+            return [False] * len(tickets)
+        found = list(response.found)
+        return found if len(found) == len(keys) else [False] * len(keys)
+
+    def read(self, endpoint: flight.FlightEndpoint) -> pa.Table:
+        """The endpoint's rows from its first location that has them.
+
+        Any failure at one location (NOT_FOUND from a cache that lost the entry, a node
+        that is down) moves on to the next; when all fail, the last one's domain error is
+        raised (the shard service's, which is listed last).
+        """
+        locations = list(endpoint.locations) or [self._shard_location()]
+        error: OnehopError | None = None
+        for location in locations:
+            try:
+                return self._client(location).do_get(endpoint.ticket).read_all()
+            except (flight.FlightError, pa.ArrowException) as exc:
+                error = from_flight_error(exc)
+                log.debug("read at %s failed: %s", location, error.message)
+        assert error is not None
+        raise error
+
+    def read_ticket(self, ticket: bytes) -> pa.Table:
+        """One ShardTicket's rows: from the cache when configured, else the shard service."""
+        locations = [self.cache_location] if self.cache_location is not None else []
+        return self.read(flight.FlightEndpoint(ticket, [*locations, self._shard_location()]))
+
+    # --- ingest ------------------------------------------------------------------------------
+
+    def ingest(
+        self,
+        name: str,
+        batches: Iterable[pa.RecordBatch] | pa.RecordBatchReader | pa.Table,
+        schema: pa.Schema | None = None,
+        shards: int = 0,
+        key: str = "",
+    ) -> data_pb2.DatasetInfo:
+        """Stream `batches` to the shard service as a new version of `name` (Flight DoPut)."""
+        if isinstance(batches, pa.Table):
+            schema = schema or batches.schema
+            batches = batches.to_batches()
+        elif isinstance(batches, pa.RecordBatchReader):
+            schema = schema or batches.schema
+        if schema is None:
+            raise InvalidArgument("ingest needs the input's schema")
+        command = data_pb2.IngestRequest(dataset=name, shards=shards, key=key)
+        descriptor = flight.FlightDescriptor.for_command(command.SerializeToString())
+        source = iter(batches)
+        source_failed = False
+        writer = None
+        try:
+            writer, results = self._shard.do_put(descriptor, schema)
+            while True:
+                try:
+                    batch = next(source)
+                except StopIteration:
+                    break
+                except BaseException:
+                    # Our own source failed (a bad file, an interrupt): tell the server so
+                    # it publishes nothing, then raise the source's error as it is.
+                    source_failed = True
+                    _abandon(writer)
+                    raise
+                writer.write_batch(batch)
+            writer.done_writing()
+            metadata = results.read()
+            writer.close()
+        except (flight.FlightError, pa.ArrowException) as exc:
+            if source_failed:
+                raise
+            # Once the server failed the stream, close() reports the server's status.
+            raise from_flight_error(_close_error(writer) or exc) from None
+        if metadata is None:
+            raise Unavailable("the shard service sent no result for the ingest")
+        return data_pb2.DatasetInfo.FromString(metadata.to_pybytes())
+
+
+def _abandon(writer: flight.FlightStreamWriter) -> None:
+    try:
+        writer.write_metadata(pa.py_buffer(INGEST_ABORT))
+        writer.close()
+    except Exception:  # the server reports the abandoned ingest as an error: expected
+        pass
+
+
+def _close_error(writer: flight.FlightStreamWriter | None) -> BaseException | None:
+    if writer is None:
+        return None
+    try:
+        writer.close()
+    except Exception as exc:  # the server's own status, when the stream failed
+        return exc
+    return None

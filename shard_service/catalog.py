@@ -15,6 +15,7 @@ take the lock: a published version never changes.
 from __future__ import annotations
 
 import base64
+import builtins
 import fcntl
 import json
 import logging
@@ -118,7 +119,7 @@ class Catalog:
             raise InvalidArgument(f"invalid dataset name {name!r}")
         return path
 
-    def versions(self, name: str) -> list[int]:
+    def versions(self, name: str) -> builtins.list[int]:
         try:
             entries = os.listdir(self._dataset_dir(name))
         except FileNotFoundError:
@@ -142,7 +143,7 @@ class Catalog:
             self._manifests[(name, version)] = info
         return _replace_versions(info, versions)
 
-    def list(self) -> list[DatasetInfo]:
+    def list(self) -> builtins.list[DatasetInfo]:
         """The newest version of every dataset, by name."""
         infos = []
         for entry in sorted(os.listdir(self.root)):
@@ -185,9 +186,10 @@ class Catalog:
         table = pq.read_table(path, columns=list(schema.names), use_threads=False)
         table = table.replace_schema_metadata(None)
         if prep.standardize:
+            keep = set(prep.passthrough)
             for index, out_field in enumerate(schema):
-                if out_field.type == table.schema.field(index).type:
-                    continue  # passthrough or non-numeric
+                if not is_numeric(table.schema.field(index).type) or out_field.name in keep:
+                    continue
                 stats = info.column(out_field.name)
                 scaled = standardize(table.column(index), stats.mean or 0.0, stats.std or 0.0)
                 table = table.set_column(index, out_field, scaled)
@@ -221,16 +223,16 @@ class Catalog:
                 )
             key_index = schema.get_field_index(key)
 
-        directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
+        with self._publish_lock(name):
+            tmp.mkdir(parents=True)
         try:
             rows, stats, shard_rows = self._write_shards(tmp, schema, batches, shards, key_index)
             shard_infos = tuple(
                 ShardInfo(k, shard_rows[k], (tmp / _shard_file(k)).stat().st_size)
                 for k in range(shards)
             )
-            with self._publish_lock(name, directory):
+            with self._publish_lock(name):
                 versions = self.versions(name)
                 version = (versions[-1] if versions else 0) + 1
                 info = DatasetInfo(
@@ -247,7 +249,8 @@ class Catalog:
                 os.rename(tmp, directory / f"v{version}")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            _remove_if_empty(directory)
+            with self._publish_lock(name):
+                _remove_if_empty(directory)
             raise
         log.info("ingested %s v%d: %d rows in %d shards", name, version, rows, shards)
         return _replace_versions(info, [*versions, version])
@@ -259,11 +262,11 @@ class Catalog:
         batches: Iterable[pa.RecordBatch],
         shards: int,
         key_index: int | None,
-    ) -> tuple[int, list[ColumnStats], list[int]]:
+    ) -> tuple[int, builtins.list[ColumnStats], builtins.list[int]]:
         stats = StatsAccumulator(schema)
         partitioner = Partitioner(shards, key_index)
         writers = [pq.ParquetWriter(tmp / _shard_file(k), schema) for k in range(shards)]
-        buffers: list[list[pa.RecordBatch]] = [[] for _ in range(shards)]
+        buffers: builtins.list[builtins.list[pa.RecordBatch]] = [[] for _ in range(shards)]
         buffered = [0] * shards
         buffered_bytes = [0] * shards
         shard_rows = [0] * shards
@@ -299,11 +302,14 @@ class Catalog:
         return rows, stats.result(), shard_rows
 
     @contextmanager
-    def _publish_lock(self, name: str, directory: Path) -> Iterator[None]:
-        """Serialises version numbering: a thread lock, and a file lock for other processes."""
+    def _publish_lock(self, name: str) -> Iterator[None]:
+        """Serialises version numbering and the dataset directory's creation and removal: a
+        thread lock, and a file lock (outside the dataset's directory) for other processes."""
         with self._locks_guard:
             lock = self._locks.setdefault(name, threading.Lock())
-        with lock, open(directory / ".lock", "a") as handle:
+        locks = self.root / ".locks"
+        locks.mkdir(exist_ok=True)
+        with lock, open(locks / f"{name}.lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -394,11 +400,9 @@ def _check_columns(info: DatasetInfo, prep: Prep) -> list[str]:
 
 
 def _remove_if_empty(directory: Path) -> None:
-    """After a failed first ingest, leave no trace of the dataset (its lock file aside)."""
+    """After a failed first ingest, leave no trace of the dataset."""
     try:
-        entries = set(os.listdir(directory))
-        if entries <= {".lock"}:
-            shutil.rmtree(directory, ignore_errors=True)
+        directory.rmdir()  # only succeeds when empty
     except OSError:
         pass
 

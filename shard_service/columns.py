@@ -92,7 +92,10 @@ class StatsAccumulator:
             if moments is None:
                 stats.append(
                     ColumnStats(
-                        field.name, str(field.type), self._count[field.name], self._nulls[field.name]
+                        field.name,
+                        str(field.type),
+                        self._count[field.name],
+                        self._nulls[field.name],
                     )
                 )
                 continue

@@ -68,11 +68,13 @@ def _mix(values: np.ndarray) -> np.ndarray:
 def _bytes_hash(array: pa.Array) -> np.ndarray:
     """A polynomial hash over each value's bytes, vectorised over the whole array."""
     array = pc.cast(array, pa.large_binary())
-    offsets = np.asarray(array.offsets, dtype=np.int64)
+    _, offsets_buffer, data_buffer = array.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[
+        array.offset : array.offset + len(array) + 1
+    ]
     lengths = np.diff(offsets)
-    data_buffer = array.buffers()[2]
-    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.empty(0)
-    data = data[offsets[0] : offsets[-1]].astype(np.uint64)
+    raw = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.empty(0)
+    data = raw[offsets[0] : offsets[-1]].astype(np.uint64)
     if len(data) == 0:
         return _mix(lengths.astype(np.uint64))
     starts = offsets[:-1] - offsets[0]
@@ -103,14 +105,12 @@ def key_hash(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
         # +0.0 folds -0.0 into 0.0 so equal keys hash alike.
         values = pc.cast(column, pa.float64()).fill_null(0.0).to_numpy(zero_copy_only=False)
         hashed = _mix((values + 0.0).view(np.uint64))
-    elif (
-        pa.types.is_integer(type_)
-        or pa.types.is_boolean(type_)
-        or pa.types.is_temporal(type_)
-        or pa.types.is_decimal(type_)
-    ):
-        if pa.types.is_temporal(type_) or pa.types.is_boolean(type_):
-            column = pc.cast(column, pa.int64())
+    elif pa.types.is_temporal(type_) and type_.bit_width in (32, 64):
+        # Dates and times hash by their stored integer (days, units since the epoch...).
+        values = column.view(pa.int32() if type_.bit_width == 32 else pa.int64())
+        values = pc.cast(values, pa.int64()).fill_null(0)
+        hashed = _mix(values.to_numpy(zero_copy_only=False).view(np.uint64))
+    elif pa.types.is_integer(type_) or pa.types.is_boolean(type_) or pa.types.is_decimal(type_):
         values = pc.cast(column, pa.int64(), safe=False).fill_null(0)
         hashed = _mix(values.to_numpy(zero_copy_only=False).view(np.uint64))
     else:

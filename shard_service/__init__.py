@@ -1,0 +1,1 @@
+"""The shard service: datasets as versioned Parquet shards, served over Arrow Flight."""

@@ -1,0 +1,247 @@
+"""DataClient against a real cache and a real shard service (in-process, port 0): plans put
+cached shards first once a read wrote them through, and reads fall back past a cache that
+lost an entry or is down."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+
+from cache_service.server import start as start_cache
+from onehop.channels import flight_location, sync_channel
+from onehop.dataplane import DataClient
+from onehop.errors import InvalidArgument, NotFound, Unavailable
+from onehop.keys import shard_key
+from onehop.settings import Settings
+from protos.onehop.v1 import cache_pb2, cache_pb2_grpc, data_pb2
+from shard_service.server import start as start_shard
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@dataclass
+class Mesh:
+    settings: Settings  # what a DataClient of this mesh is configured with
+    cache: cache_pb2_grpc.CacheStub
+
+    def stats(self) -> cache_pb2.NamespaceStats:
+        return self.cache.GetStats(cache_pb2.GetStatsRequest(), timeout=5).namespaces["shard"]
+
+    def wait_cached(self, keys: list[bytes], timeout: float = 10.0) -> None:
+        """Poll Contains (bounded) until the write-through has landed."""
+        deadline = time.monotonic() + timeout
+        pause = 0.005
+        while True:
+            found = self.cache.Contains(cache_pb2.ContainsRequest(keys=keys), timeout=5).found
+            if all(found):
+                return
+            assert time.monotonic() < deadline, f"not cached after {timeout}s: {list(found)}"
+            threading.Event().wait(pause)
+            pause = min(pause * 2, 0.1)
+
+
+@pytest.fixture
+def mesh(settings: Settings) -> Iterator[Mesh]:
+    """Cache then shard service on their own event loop thread, so tests use sync clients."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="mesh-loop", daemon=True)
+    thread.start()
+
+    def run(coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(30)
+
+    cache = run(start_cache(settings))
+    shard_settings = settings.model_copy(
+        update={
+            "cache_address": cache.endpoints["grpc"],
+            "cache_flight_address": cache.endpoints["flight"],
+            "default_shards": 4,
+        }
+    )
+    shard = None
+    try:
+        shard = run(start_shard(shard_settings))
+        client_settings = shard_settings.model_copy(
+            update={"shard_address": shard.endpoints["flight"]}
+        )
+        with sync_channel(cache.endpoints["grpc"], settings) as channel:
+            yield Mesh(client_settings, cache_pb2_grpc.CacheStub(channel))
+    finally:
+        if shard is not None:
+            run(shard.stop())
+        run(cache.stop())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.fixture
+def client(mesh: Mesh) -> Iterator[DataClient]:
+    with DataClient(mesh.settings) as client:
+        yield client
+
+
+def make_table(rows: int = 1200, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    return pa.table(
+        {
+            "id": pa.array(np.arange(rows), pa.int64()),
+            "x": rng.normal(size=rows),
+            "label": pa.array(rng.integers(0, 2, rows), pa.int8()),
+        }
+    )
+
+
+def locations(endpoint: flight.FlightEndpoint) -> list[str]:
+    return [location.uri.decode() for location in endpoint.locations]
+
+
+def keys_of(plan: flight.FlightInfo) -> list[bytes]:
+    return [shard_key(data_pb2.ShardTicket.FromString(e.ticket.ticket)) for e in plan.endpoints]
+
+
+def dead_address() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_ingest_describe_and_list(client: DataClient) -> None:
+    table = make_table()
+    info = client.ingest("loans", table, shards=3)
+    assert (info.name, info.version, info.rows, len(info.shards)) == ("loans", 1, 1200, 3)
+    reader = pa.RecordBatchReader.from_batches(table.schema, table.to_batches(max_chunksize=100))
+    assert client.ingest("loans", reader, key="id").version == 2
+    batches = iter(table.slice(0, 10).to_batches())
+    assert client.ingest("loans", batches, table.schema).rows == 10
+
+    described = client.describe("loans", 2)
+    assert (described.version, described.rows, list(described.versions)) == (2, 1200, [1, 2, 3])
+    assert client.describe("loans").version == 3
+    assert [(d.name, d.version) for d in client.list_datasets()] == [("loans", 3)]
+
+    with pytest.raises(NotFound, match="no dataset 'other'"):
+        client.describe("other")
+    with pytest.raises(InvalidArgument, match="no rows"):
+        client.ingest("empty", pa.table({"x": pa.array([], pa.float64())}))
+    with pytest.raises(InvalidArgument, match="invalid dataset name"):
+        client.ingest("a/b", table)
+    assert [d.name for d in client.list_datasets()] == ["loans"]
+
+
+def test_a_source_failing_mid_ingest_publishes_nothing(client: DataClient) -> None:
+    table = make_table()
+
+    def source():
+        yield from table.to_batches(max_chunksize=500)[:2]
+        raise pa.ArrowInvalid("CSV parse error: Expected 3 columns, got 1")
+
+    with pytest.raises(pa.ArrowInvalid, match="CSV parse error"):  # the source's own error
+        client.ingest("loans", source(), table.schema)
+    assert client.list_datasets() == []
+    assert client.ingest("loans", table).version == 1
+
+
+def test_plan_puts_the_cache_first_after_a_write_through(client: DataClient, mesh: Mesh) -> None:
+    table = make_table()
+    client.ingest("loans", table)
+    request = data_pb2.DataRequest(
+        dataset="loans",
+        shuffle=True,
+        seed=11,
+        epoch=1,
+        preprocess=data_pb2.Preprocessing(scaling=data_pb2.SCALING_STANDARD, passthrough=["id"]),
+    )
+    shard_location = flight_location(mesh.settings.shard_address)
+    cache_location = flight_location(mesh.settings.cache_flight_address)
+
+    cold = client.plan(request)
+    assert len(cold.endpoints) == 4 and cold.total_records == 1200
+    assert all(locations(e) == [shard_location] for e in cold.endpoints)
+    from_shard = [client.read(e) for e in cold.endpoints]
+    assert sorted(pa.concat_tables(from_shard).column("id").to_pylist()) == list(range(1200))
+
+    mesh.wait_cached(keys_of(cold))
+    hits_before = mesh.stats().hits
+    warm = client.plan(request)
+    assert [e.ticket for e in warm.endpoints] == [e.ticket for e in cold.endpoints]
+    assert all(locations(e) == [cache_location, shard_location] for e in warm.endpoints)
+    from_cache = [client.read(e) for e in warm.endpoints]
+    assert mesh.stats().hits == hits_before + 4  # served by the cache, not the shard service
+    # The cache arranges (shuffle by seed and epoch) exactly as the shard service does.
+    assert all(c.equals(s) for c, s in zip(from_cache, from_shard, strict=True))
+
+    # Another epoch reuses the same cached entries: the key ignores shuffle order.
+    next_epoch = data_pb2.DataRequest()
+    next_epoch.CopyFrom(request)
+    next_epoch.epoch = 2
+    assert all(locations(e)[0] == cache_location for e in client.plan(next_epoch).endpoints)
+
+
+def test_read_falls_back_when_the_cache_lost_an_entry(client: DataClient, mesh: Mesh) -> None:
+    client.ingest("loans", make_table())
+    request = data_pb2.DataRequest(dataset="loans", columns=["id", "x"])
+    cold = client.plan(request)
+    expected = [client.read(e) for e in cold.endpoints]
+    mesh.wait_cached(keys_of(cold))
+    warm = client.plan(request)
+    lost = keys_of(warm)[0]
+    deleted = mesh.cache.Delete(cache_pb2.DeleteRequest(keys=[lost]), timeout=5).deleted
+    assert deleted == 1
+
+    misses_before = mesh.stats().misses
+    assert locations(warm.endpoints[0])[0] == flight_location(mesh.settings.cache_flight_address)
+    assert client.read(warm.endpoints[0]).equals(expected[0])  # via the shard service
+    assert mesh.stats().misses > misses_before  # the cache was asked first and said no
+    assert client.read_ticket(warm.endpoints[1].ticket.ticket).equals(expected[1])
+    # The fallback read wrote the shard through again.
+    mesh.wait_cached([lost])
+
+
+def test_all_locations_failing_raises_the_domain_error(client: DataClient) -> None:
+    ticket = data_pb2.ShardTicket(dataset="missing", version=1).SerializeToString()
+    with pytest.raises(NotFound, match="no dataset 'missing'"):
+        client.read_ticket(ticket)
+    with pytest.raises(NotFound):
+        client.plan(data_pb2.DataRequest(dataset="missing"))
+    client.ingest("loans", make_table(rows=10))
+    with pytest.raises(InvalidArgument, match="no column 'nope'"):
+        client.plan(data_pb2.DataRequest(dataset="loans", columns=["nope"]))
+
+
+def test_a_cache_that_is_down_is_a_miss(mesh: Mesh) -> None:
+    with DataClient(mesh.settings) as writer:
+        writer.ingest("loans", make_table(rows=100))
+    settings = mesh.settings.model_copy(
+        update={"cache_address": dead_address(), "cache_flight_address": dead_address()}
+    )
+    with DataClient(settings) as client:
+        plan = client.plan(data_pb2.DataRequest(dataset="loans"))
+        shard_location = flight_location(settings.shard_address)
+        assert all(locations(e) == [shard_location] for e in plan.endpoints)
+        # read_ticket tries the (dead) cache first, then the shard service.
+        rows = sum(client.read_ticket(e.ticket.ticket).num_rows for e in plan.endpoints)
+        assert rows == 100
+
+
+def test_no_cache_configured(mesh: Mesh) -> None:
+    settings = mesh.settings.model_copy(update={"cache_address": "", "cache_flight_address": ""})
+    with DataClient(settings) as client:
+        client.ingest("plain", make_table(rows=50))
+        plan = client.plan(data_pb2.DataRequest(dataset="plain"))
+        assert all(len(e.locations) == 1 for e in plan.endpoints)
+        assert sum(client.read(e).num_rows for e in plan.endpoints) == 50
+
+
+def test_without_a_shard_address_calls_are_unavailable(settings: Settings) -> None:
+    with DataClient(settings) as client, pytest.raises(Unavailable, match="SHARD_ADDRESS"):
+        client.list_datasets()

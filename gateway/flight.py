@@ -11,19 +11,17 @@ service. Handlers run on Flight's threads (sync) and end inside `flight_errors()
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
 from google.protobuf.message import DecodeError
 
+from onehop.dataplane import INGEST_ABORT, DataClient
 from onehop.errors import InvalidArgument, flight_errors
 from onehop.keys import validate_name
 from onehop.settings import Settings
 from protos.onehop.v1 import data_pb2
-
-if TYPE_CHECKING:
-    from onehop.dataplane import DataClient
 
 
 class GatewayFlightServer(flight.FlightServerBase):
@@ -141,5 +139,8 @@ def _batches(reader: flight.MetadataRecordBatchReader) -> Iterator[pa.RecordBatc
             return
         except pa.ArrowInvalid as exc:
             raise InvalidArgument("malformed Arrow IPC stream in DoPut") from exc
+        if chunk.app_metadata is not None and chunk.app_metadata.to_pybytes() == INGEST_ABORT:
+            # Passed on, so the shard service publishes nothing either.
+            raise InvalidArgument("the client abandoned the ingest; nothing was published")
         if chunk.data is not None:
             yield chunk.data

@@ -17,6 +17,7 @@ import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
 from onehop.channels import flight_location, sync_channel
+from onehop.dataplane import put_dataset
 from onehop.errors import InvalidArgument, NotFound, from_flight_error, from_rpc_error
 from onehop.launcher import pid_alive, read_run_file
 from onehop.settings import Settings
@@ -94,20 +95,10 @@ class GatewayClient:
     def ingest(
         self, reader: pa.RecordBatchReader, name: str, shards: int = 0, key: str = ""
     ) -> data_pb2.DatasetInfo:
-        command = data_pb2.IngestRequest(dataset=name, shards=shards, key=key)
-        descriptor = flight.FlightDescriptor.for_command(command.SerializeToString())
         try:
-            writer, metadata = self._flight.do_put(descriptor, reader.schema)
-            with writer:
-                for batch in reader:
-                    writer.write_batch(batch)
-                writer.done_writing()
-                answer = metadata.read()
-        except (flight.FlightError, pa.ArrowException) as exc:
-            raise from_flight_error(exc) from None
-        if answer is None:
-            raise InvalidArgument("the gateway did not acknowledge the ingest")
-        return data_pb2.DatasetInfo.FromString(answer.to_pybytes())
+            return put_dataset(self._flight, name, reader, shards=shards, key=key)
+        except pa.ArrowInvalid as exc:  # the local file turned out malformed mid-stream
+            raise InvalidArgument(f"cannot read the input: {exc}") from None
 
     def plan(self, request: data_pb2.DataRequest) -> flight.FlightInfo:
         descriptor = flight.FlightDescriptor.for_command(request.SerializeToString())

@@ -205,43 +205,59 @@ class DataClient:
         key: str = "",
     ) -> data_pb2.DatasetInfo:
         """Stream `batches` to the shard service as a new version of `name` (Flight DoPut)."""
-        if isinstance(batches, pa.Table):
-            schema = schema or batches.schema
-            batches = batches.to_batches()
-        elif isinstance(batches, pa.RecordBatchReader):
-            schema = schema or batches.schema
-        if schema is None:
-            raise InvalidArgument("ingest needs the input's schema")
-        command = data_pb2.IngestRequest(dataset=name, shards=shards, key=key)
-        descriptor = flight.FlightDescriptor.for_command(command.SerializeToString())
-        source = iter(batches)
-        source_failed = False
-        writer = None
-        try:
-            writer, results = self._shard.do_put(descriptor, schema)
-            while True:
-                try:
-                    batch = next(source)
-                except StopIteration:
-                    break
-                except BaseException:
-                    # Our own source failed (a bad file, an interrupt): tell the server so
-                    # it publishes nothing, then raise the source's error as it is.
-                    source_failed = True
-                    _abandon(writer)
-                    raise
-                writer.write_batch(batch)
-            writer.done_writing()
-            metadata = results.read()
-            writer.close()
-        except (flight.FlightError, pa.ArrowException) as exc:
-            if source_failed:
+        return put_dataset(self._shard, name, batches, schema, shards, key)
+
+
+def put_dataset(
+    client: flight.FlightClient,
+    name: str,
+    batches: Iterable[pa.RecordBatch] | pa.RecordBatchReader | pa.Table,
+    schema: pa.Schema | None = None,
+    shards: int = 0,
+    key: str = "",
+) -> data_pb2.DatasetInfo:
+    """Ingest by Flight DoPut at a shard service or a gateway: the new version's DatasetInfo.
+
+    When the source fails mid-stream the server is told (INGEST_ABORT) so it publishes
+    nothing, and the source's own error is raised.
+    """
+    if isinstance(batches, pa.Table):
+        schema = schema or batches.schema
+        batches = batches.to_batches()
+    elif isinstance(batches, pa.RecordBatchReader):
+        schema = schema or batches.schema
+    if schema is None:
+        raise InvalidArgument("ingest needs the input's schema")
+    command = data_pb2.IngestRequest(dataset=name, shards=shards, key=key)
+    descriptor = flight.FlightDescriptor.for_command(command.SerializeToString())
+    source = iter(batches)
+    source_failed = False
+    writer = None
+    try:
+        writer, results = client.do_put(descriptor, schema)
+        while True:
+            try:
+                batch = next(source)
+            except StopIteration:
+                break
+            except BaseException:
+                # Our own source failed (a bad file, an interrupt): tell the server so
+                # it publishes nothing, then raise the source's error as it is.
+                source_failed = True
+                _abandon(writer)
                 raise
-            # Once the server failed the stream, close() reports the server's status.
-            raise from_flight_error(_close_error(writer) or exc) from None
-        if metadata is None:
-            raise Unavailable("the shard service sent no result for the ingest")
-        return data_pb2.DatasetInfo.FromString(metadata.to_pybytes())
+            writer.write_batch(batch)
+        writer.done_writing()
+        metadata = results.read()
+        writer.close()
+    except (flight.FlightError, pa.ArrowException) as exc:
+        if source_failed:
+            raise
+        # Once the server failed the stream, close() reports the server's status.
+        raise from_flight_error(_close_error(writer) or exc) from None
+    if metadata is None:
+        raise Unavailable("the server sent no result for the ingest")
+    return data_pb2.DatasetInfo.FromString(metadata.to_pybytes())
 
 
 def _abandon(writer: flight.FlightStreamWriter) -> None:

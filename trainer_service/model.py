@@ -97,6 +97,9 @@ class TabularModel(nn.Module):
     `self.net`; serving calls the module itself.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, spec: ModelSpec, preprocessing: Preprocessing):
         super().__init__()
         self.spec = spec

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -174,8 +175,6 @@ def _float32(column: pa.ChunkedArray) -> np.ndarray:
 
 @dataclass
 class _Decoded:
-    shard: int
-    rows: int
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_val: np.ndarray
@@ -197,7 +196,7 @@ class Prefetcher:
     `get()` returns the next decoded shard and adds the time it blocked to `wait_seconds`.
     """
 
-    def __init__(self, items: Iterator[object], decode: Callable[[object], object], depth: int = 1):
+    def __init__(self, items: Iterator[Any], decode: Callable[[Any], object], depth: int = 1):
         self._items = items
         self._decode = decode
         self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
@@ -227,10 +226,20 @@ class Prefetcher:
                 continue
         return False
 
-    def get(self) -> object:
+    def get(self, should_stop: Callable[[], bool] = lambda: False) -> object:
+        """The next decoded shard; polls `should_stop` while waiting, so a cancel is not held
+        up by a slow read."""
         started = time.perf_counter()
-        item = self._queue.get()
-        self.wait_seconds += time.perf_counter() - started
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=0.05)
+                    break
+                except queue.Empty:
+                    if should_stop():
+                        raise TrainingCancelled("cancelled while waiting for data") from None
+        finally:
+            self.wait_seconds += time.perf_counter() - started
         if isinstance(item, _Failure):
             raise item.error
         if isinstance(item, _End):
@@ -260,152 +269,176 @@ def train(
 
     Per epoch the shard order is a permutation of (seed, epoch) and each shard's training rows
     are shuffled by (seed, epoch, shard). `on_progress` is called at most every
-    `progress_interval` seconds and after each epoch (with validation metrics).
+    `progress_interval` seconds and after each epoch (with validation metrics);
+    `should_stop` is polled between batches (TrainingCancelled).
     """
-    device = device or torch.device("cpu")
     if not shards:
         raise InvalidArgument("the dataset has no shards to train on")
-    n_train = sum(train_rows(s.rows, hp.val_split) for s in shards)
-    if n_train == 0:
+    if sum(train_rows(s.rows, hp.val_split) for s in shards) == 0:
         raise InvalidArgument("the dataset has no training rows after the validation split")
-    cuda = device.type == "cuda"
-    steps_total = total_steps(shards, hp)
-    features = model.features
+    loop = _Loop(
+        model,
+        list(shards),
+        target,
+        hp,
+        device or torch.device("cpu"),
+        on_progress or (lambda progress: None),
+        should_stop or (lambda: False),
+        progress_interval,
+    )
+    return loop.run()
 
-    def schedule() -> Iterator[tuple[int, ShardSource]]:
-        for epoch in range(1, hp.epochs + 1):
-            for index in shard_order(len(shards), hp.seed, epoch):
-                yield epoch, shards[index]
 
-    def decode(item: object) -> _Decoded:
-        epoch, source = item  # type: ignore[misc]
-        x, y = table_to_arrays(source.read(), features, target)
-        cut = train_rows(len(y), hp.val_split)
-        perm = epoch_permutation(cut, hp.seed, epoch, source.shard)
+@dataclass
+class _Epoch:
+    """Counters of the epoch in progress."""
+
+    number: int
+    started: float
+    waited_before: float
+    loss_sum: float = 0.0
+    batches: int = 0
+    samples: int = 0
+    last_report: float = 0.0
+
+
+class _Loop:
+    """One run of `train`: the prefetch pipeline, the optimiser and the counters."""
+
+    def __init__(
+        self,
+        model: TabularModel,
+        shards: list[ShardSource],
+        target: str,
+        hp: Hyperparameters,
+        device: torch.device,
+        on_progress: Callable[[Progress], None],
+        should_stop: Callable[[], bool],
+        progress_interval: float,
+    ):
+        self.model = model
+        self.net = model.net
+        self.shards = shards
+        self.target = target
+        self.hp = hp
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.on_progress = on_progress
+        self.should_stop = should_stop
+        self.progress_interval = progress_interval
+        self.total_steps = total_steps(shards, hp)
+        self.step = 0
+        self.metrics: dict[str, float] = {}
+        self.started = 0.0
+
+    def schedule(self) -> Iterator[tuple[int, ShardSource]]:
+        for epoch in range(1, self.hp.epochs + 1):
+            for index in shard_order(len(self.shards), self.hp.seed, epoch):
+                yield epoch, self.shards[index]
+
+    def decode(self, item: tuple[int, ShardSource]) -> _Decoded:
+        """Runs on the prefetch thread: read, convert, split, shuffle, pin."""
+        epoch, source = item
+        x, y = table_to_arrays(source.read(), self.model.features, self.target)
+        cut = train_rows(len(y), self.hp.val_split)
+        perm = epoch_permutation(cut, self.hp.seed, epoch, source.shard)
         x_train = torch.from_numpy(x[:cut][perm])
         y_train = torch.from_numpy(y[:cut][perm])
-        if cuda:  # pinned pages let the copy to the GPU run asynchronously
+        if self.cuda:  # pinned pages let the copy to the GPU run asynchronously
             x_train, y_train = x_train.pin_memory(), y_train.pin_memory()
-        return _Decoded(source.shard, len(y), x_train, y_train, x[cut:], y[cut:])
+        return _Decoded(x_train, y_train, x[cut:], y[cut:])
 
-    model.to(device)
-    net = model.net
-    optimizer = torch.optim.Adam(net.parameters(), lr=hp.lr)
-    loss_fn = nn.BCEWithLogitsLoss()
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        if cuda
-        else contextlib.nullcontext()
-    )
-    stop = should_stop or (lambda: False)
+    def run(self) -> TrainResult:
+        self.model.to(self.device)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=self.hp.lr)
+        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.started = time.perf_counter()
+        loss, samples, waited = float("nan"), 0, 0.0
+        prefetcher = Prefetcher(self.schedule(), self.decode)
+        # Seeded dropout without disturbing the process-wide generators.
+        fork = torch.random.fork_rng(devices=[self.device.index or 0] if self.cuda else [])
+        try:
+            with fork:
+                torch.manual_seed(self.hp.seed)
+                for number in range(1, self.hp.epochs + 1):
+                    epoch = self.run_epoch(number, prefetcher)
+                    loss = epoch.loss_sum / max(epoch.batches, 1)
+                    samples += epoch.samples
+                    waited += prefetcher.wait_seconds - epoch.waited_before
+        finally:
+            prefetcher.close()
+        elapsed = time.perf_counter() - self.started
+        return TrainResult(
+            metrics=self.metrics,
+            loss=loss,
+            steps=self.step,
+            elapsed=elapsed,
+            samples_per_second=samples / elapsed if elapsed > 0 else 0.0,
+            data_wait_share=waited / elapsed if elapsed > 0 else 0.0,
+        )
 
-    started = time.perf_counter()
-    step = 0
-    metrics: dict[str, float] = {}
-    epoch_loss = float("nan")
-    samples_seen = 0
-    waited_total = 0.0
-    prefetcher = Prefetcher(schedule(), decode)
-    fork = torch.random.fork_rng(devices=[device.index or 0] if cuda else [])
-    try:
-        with fork:
-            torch.manual_seed(hp.seed)
-            for epoch in range(1, hp.epochs + 1):
-                net.train()
-                epoch_started = time.perf_counter()
-                waited_before = prefetcher.wait_seconds
-                loss_sum, loss_batches, epoch_samples = 0.0, 0, 0
-                x_val: list[np.ndarray] = []
-                y_val: list[np.ndarray] = []
-                last_report = time.perf_counter()
-                for _ in range(len(shards)):
-                    shard = prefetcher.get()
-                    assert isinstance(shard, _Decoded)
-                    x_val.append(shard.x_val)
-                    y_val.append(shard.y_val)
-                    xs = shard.x_train.to(device, non_blocking=True)
-                    ys = shard.y_train.to(device, non_blocking=True)
-                    for begin in range(0, xs.shape[0], hp.batch_size):
-                        if stop():
-                            raise TrainingCancelled(f"cancelled at epoch {epoch} step {step}")
-                        xb = xs[begin : begin + hp.batch_size]
-                        yb = ys[begin : begin + hp.batch_size]
-                        with autocast:
-                            logits = net(xb).squeeze(1)
-                        loss = loss_fn(logits.float(), yb)
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        step += 1
-                        value = loss.item()
-                        if not math.isfinite(value):
-                            what = "NaN" if math.isnan(value) else "infinite"
-                            raise TrainingFailed(
-                                f"loss became {what} at epoch {epoch} step {step}; check the "
-                                "data for missing or extreme values, or lower the learning rate"
-                            )
-                        loss_sum += value
-                        loss_batches += 1
-                        epoch_samples += int(xb.shape[0])
-                        now = time.perf_counter()
-                        if on_progress and now - last_report >= progress_interval:
-                            last_report = now
-                            on_progress(
-                                _progress(
-                                    epoch, hp, step, steps_total, loss_sum / loss_batches,
-                                    metrics, epoch_samples, now - epoch_started,
-                                    prefetcher.wait_seconds - waited_before, now - started,
-                                )
-                            )  # fmt: skip
-                epoch_loss = loss_sum / max(loss_batches, 1)
-                metrics = evaluate(net, np.concatenate(x_val), np.concatenate(y_val), device)
+    def run_epoch(self, number: int, prefetcher: Prefetcher) -> _Epoch:
+        now = time.perf_counter()
+        epoch = _Epoch(number, now, prefetcher.wait_seconds, last_report=now)
+        self.net.train()
+        x_val: list[np.ndarray] = []
+        y_val: list[np.ndarray] = []
+        for _ in range(len(self.shards)):
+            shard = prefetcher.get(self.should_stop)
+            assert isinstance(shard, _Decoded)
+            x_val.append(shard.x_val)
+            y_val.append(shard.y_val)
+            xs = shard.x_train.to(self.device, non_blocking=True)
+            ys = shard.y_train.to(self.device, non_blocking=True)
+            for begin in range(0, xs.shape[0], self.hp.batch_size):
+                if self.should_stop():
+                    raise TrainingCancelled(f"cancelled at epoch {number} step {self.step}")
+                end = begin + self.hp.batch_size
+                self.train_batch(epoch, xs[begin:end], ys[begin:end])
                 now = time.perf_counter()
-                waited = prefetcher.wait_seconds - waited_before
-                waited_total += waited
-                samples_seen += epoch_samples
-                if on_progress:
-                    on_progress(
-                        _progress(
-                            epoch, hp, step, steps_total, epoch_loss, metrics, epoch_samples,
-                            now - epoch_started, waited, now - started,
-                        )
-                    )  # fmt: skip
-    finally:
-        prefetcher.close()
-    elapsed = time.perf_counter() - started
-    return TrainResult(
-        metrics=metrics,
-        loss=epoch_loss,
-        steps=step,
-        elapsed=elapsed,
-        samples_per_second=samples_seen / elapsed if elapsed > 0 else 0.0,
-        data_wait_share=waited_total / elapsed if elapsed > 0 else 0.0,
-    )
+                if now - epoch.last_report >= self.progress_interval:
+                    epoch.last_report = now
+                    self.report(epoch, prefetcher, epoch.loss_sum / epoch.batches)
+        self.metrics = evaluate(self.net, np.concatenate(x_val), np.concatenate(y_val), self.device)
+        self.report(epoch, prefetcher, epoch.loss_sum / max(epoch.batches, 1))
+        return epoch
 
+    def train_batch(self, epoch: _Epoch, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.cuda):
+            logits = self.net(xb).squeeze(1)
+        loss = self.loss_fn(logits.float(), yb)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        value = loss.item()
+        if not math.isfinite(value):
+            what = "NaN" if math.isnan(value) else "infinite"
+            raise TrainingFailed(
+                f"loss became {what} at epoch {epoch.number} step {self.step}; check the data "
+                "for missing or extreme values, or lower the learning rate"
+            )
+        epoch.loss_sum += value
+        epoch.batches += 1
+        epoch.samples += int(xb.shape[0])
 
-def _progress(
-    epoch: int,
-    hp: Hyperparameters,
-    step: int,
-    steps_total: int,
-    loss: float,
-    metrics: dict[str, float],
-    samples: int,
-    epoch_seconds: float,
-    waited: float,
-    elapsed: float,
-) -> Progress:
-    return Progress(
-        epoch=epoch,
-        epochs=hp.epochs,
-        step=step,
-        total_steps=steps_total,
-        loss=loss,
-        metrics=dict(metrics),
-        samples_per_second=samples / epoch_seconds if epoch_seconds > 0 else 0.0,
-        data_wait_share=min(waited / epoch_seconds, 1.0) if epoch_seconds > 0 else 0.0,
-        elapsed=elapsed,
-    )
+    def report(self, epoch: _Epoch, prefetcher: Prefetcher, loss: float) -> None:
+        now = time.perf_counter()
+        seconds = now - epoch.started
+        waited = prefetcher.wait_seconds - epoch.waited_before
+        self.on_progress(
+            Progress(
+                epoch=epoch.number,
+                epochs=self.hp.epochs,
+                step=self.step,
+                total_steps=self.total_steps,
+                loss=loss,
+                metrics=dict(self.metrics),
+                samples_per_second=epoch.samples / seconds if seconds > 0 else 0.0,
+                data_wait_share=min(waited / seconds, 1.0) if seconds > 0 else 0.0,
+                elapsed=now - self.started,
+            )
+        )
 
 
 def evaluate(

@@ -1,0 +1,274 @@
+"""The trainer in-process on port 0: training over a real shard service, then OIP inference."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import onehop
+from onehop.channels import aio_channel, flight_location
+from onehop.settings import Settings
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc
+from protos.onehop.v1 import data_pb2, trainer_pb2, trainer_pb2_grpc
+from trainer_service.model import ModelSpec, Preprocessing
+from trainer_service.registry import Registry
+from trainer_service.server import start
+from trainer_service.training import build_model
+
+pytestmark = pytest.mark.timeout(60)
+
+FEATURES = ["income", "debt", "age"]
+
+
+def loans(rows: int = 400, seed: int = 0) -> pa.Table:
+    """Raw features on very different scales; the label is a linear rule over them."""
+    rng = np.random.default_rng(seed)
+    income = rng.normal(50_000, 12_000, rows)
+    debt = rng.normal(10_000, 4_000, rows)
+    age = rng.integers(18, 90, rows)
+    score = (income - 50_000) / 12_000 - (debt - 10_000) / 4_000 + (age - 54) / 21
+    return pa.table(
+        {
+            "id": pa.array(np.arange(rows), pa.int64()),
+            "income": income,
+            "debt": pa.array(debt, pa.float32()),
+            "age": pa.array(age, pa.int32()),
+            "city": pa.array(rng.choice(["paris", "lima"], rows)),
+            "default": pa.array((score > 0).astype(np.int8)),
+        }
+    )
+
+
+def ingest(address: str, name: str, table: pa.Table) -> data_pb2.DatasetInfo:
+    """Flight DoPut with the stock client, as any Arrow user would."""
+    with flight.connect(flight_location(address)) as client:
+        writer, results = client.do_put(flight.FlightDescriptor.for_path(name), table.schema)
+        with writer:
+            writer.write_table(table, max_chunksize=100)
+            writer.done_writing()
+            metadata = results.read()
+    return data_pb2.DatasetInfo.FromString(metadata.to_pybytes())
+
+
+@pytest.fixture
+async def mesh(settings: Settings) -> AsyncIterator[Settings]:
+    """A shard service and a trainer that reads from it (no cache: every read is origin)."""
+    from shard_service.server import start as start_shard
+
+    shard = await start_shard(settings.model_copy(update={"default_shards": 4}))
+    trainer_settings = settings.model_copy(update={"shard_address": shard.endpoints["flight"]})
+    trainer = await start(trainer_settings)
+    try:
+        yield trainer_settings.model_copy(update={"trainer_address": trainer.endpoints["grpc"]})
+    finally:
+        await trainer.stop()
+        await shard.stop()
+
+
+@pytest.fixture
+async def trainer(settings: Settings) -> AsyncIterator[Settings]:
+    """A trainer alone (no shard service): registry, OIP and job bookkeeping."""
+    running = await start(settings)
+    try:
+        yield settings.model_copy(update={"trainer_address": running.endpoints["grpc"]})
+    finally:
+        await running.stop()
+
+
+def infer_request(x: np.ndarray, raw: bool, model: str = "risk") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model, id="r1")
+    tensor = request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    if raw:
+        request.raw_input_contents.append(x.astype("<f4").tobytes())
+    else:
+        tensor.contents.fp32_contents.extend(x.reshape(-1).tolist())
+    return request
+
+
+def probabilities(response: pb.ModelInferResponse) -> np.ndarray:
+    (output,) = response.outputs
+    assert output.name == "probability" and output.datatype == "FP32"
+    if response.raw_output_contents:
+        values = np.frombuffer(response.raw_output_contents[0], dtype="<f4")
+    else:
+        values = np.asarray(output.contents.fp32_contents, dtype=np.float32)
+    return values.reshape(list(output.shape))
+
+
+async def test_train_over_the_data_plane_then_infer(mesh: Settings) -> None:
+    table = loans()
+    info = await asyncio.to_thread(ingest, mesh.shard_address, "loans", table)
+    assert info.rows == 400
+
+    async with aio_channel(mesh.trainer_address, mesh) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"), timeout=5
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+        trainer = trainer_pb2_grpc.TrainerStub(channel)
+        job = await trainer.StartJob(
+            trainer_pb2.StartJobRequest(
+                dataset="loans",
+                target="default",
+                model_name="risk",
+                features=FEATURES,
+                hyperparameters=trainer_pb2.Hyperparameters(epochs=4, lr=1e-2),
+            ),
+            timeout=10,
+        )
+        updates = [
+            status
+            async for status in trainer.WatchJob(
+                trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=30
+            )
+        ]
+        final = updates[-1]
+        assert final.state == trainer_pb2.JOB_STATE_SUCCEEDED, final.message
+        assert final.model_version == 1 and final.epoch == final.epochs == 4
+        assert final.step == final.total_steps > 0
+        assert final.metrics["accuracy"] > 0.8 and final.metrics["auc"] > 0.9
+        assert 0.0 <= final.data_wait_share <= 1.0 and final.samples_per_second > 0
+
+        model = await trainer.GetModel(trainer_pb2.GetModelRequest(name="risk"), timeout=5)
+        assert list(model.features) == FEATURES and model.versions == [1]
+        assert model.dataset == "loans" and model.dataset_version == info.version
+        assert len(model.weights_digest) == 64
+
+        oip = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        meta = await oip.ModelMetadata(pb.ModelMetadataRequest(name="risk"), timeout=5)
+        assert meta.versions == ["1"] and meta.platform == "pytorch"
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+            ("input", "FP32", [-1, 3])
+        ]
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+            ("probability", "FP32", [-1, 1])
+        ]
+
+        # RAW feature values: the model standardises them with its stored statistics.
+        x = np.column_stack([table.column(f).to_numpy() for f in FEATURES]).astype(np.float32)
+        typed = await oip.ModelInfer(infer_request(x, raw=False), timeout=10)
+        raw = await oip.ModelInfer(infer_request(x, raw=True), timeout=10)
+        assert typed.model_version == raw.model_version == "1" and typed.id == "r1"
+        digest = typed.parameters["onehop-weights-digest"].string_param
+        assert digest == model.weights_digest
+        assert not typed.raw_output_contents and len(raw.raw_output_contents) == 1
+        p_typed, p_raw = probabilities(typed), probabilities(raw)
+        assert p_typed.shape == (400, 1)
+        np.testing.assert_array_equal(p_typed, p_raw)
+        labels = table.column("default").to_numpy()
+        assert ((p_raw[:, 0] >= 0.5) == (labels == 1)).mean() > 0.8
+
+        with pytest.raises(grpc.aio.AioRpcError) as wrong_shape:
+            await oip.ModelInfer(infer_request(x[:4, :2], raw=True), timeout=5)
+        assert wrong_shape.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "expected [-1, 3] got [4, 2]" in wrong_shape.value.details()
+
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await oip.ModelInfer(infer_request(x[:1], raw=True, model="nope"), timeout=5)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+        with pytest.raises(grpc.aio.AioRpcError) as bad_column:
+            await trainer.StartJob(
+                trainer_pb2.StartJobRequest(
+                    dataset="loans", target="default", model_name="risk", features=["nope"]
+                ),
+                timeout=10,
+            )
+        assert bad_column.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "features" in bad_column.value.details()
+
+        with pytest.raises(grpc.aio.AioRpcError) as no_dataset:
+            await trainer.StartJob(
+                trainer_pb2.StartJobRequest(dataset="ghost", target="default", model_name="r"),
+                timeout=10,
+            )
+        assert no_dataset.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def register(settings: Settings, name: str, seed: int) -> str:
+    """A model straight into the trainer's registry, as a finished job would leave it."""
+    registry = Registry(settings.service_dir("trainer") / "registry")
+    pre = Preprocessing(("a", "b"), (1.0, -2.0), (2.0, 0.5))
+    model = build_model(ModelSpec.resolve([8]), pre, seed)
+    return registry.register(name, model, target="y").weights_digest
+
+
+async def test_oip_surface_and_errors_without_a_data_plane(trainer: Settings) -> None:
+    first = register(trainer, "risk", seed=0)
+    async with aio_channel(trainer.trainer_address, trainer) as channel:
+        oip = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert (await oip.ServerLive(pb.ServerLiveRequest(), timeout=5)).live
+        assert (await oip.ServerReady(pb.ServerReadyRequest(), timeout=5)).ready
+        server = await oip.ServerMetadata(pb.ServerMetadataRequest(), timeout=5)
+        assert (server.name, server.version) == ("onehop-trainer", onehop.__version__)
+        assert (await oip.ModelReady(pb.ModelReadyRequest(name="risk"), timeout=5)).ready
+        assert not (await oip.ModelReady(pb.ModelReadyRequest(name="nope"), timeout=5)).ready
+
+        x = np.array([[1.0, -2.0], [3.0, 0.0]], np.float32)
+        reply = await oip.ModelInfer(infer_request(x, raw=True), timeout=5)
+        assert reply.parameters["onehop-weights-digest"].string_param == first
+        # A newly registered version serves at once, with its own digest.
+        second = register(trainer, "risk", seed=1)
+        reply = await oip.ModelInfer(infer_request(x, raw=True), timeout=5)
+        assert reply.model_version == "2"
+        assert reply.parameters["onehop-weights-digest"].string_param == second
+        pinned = infer_request(x, raw=False)
+        pinned.model_version = "1"
+        assert (await oip.ModelInfer(pinned, timeout=5)).model_version == "1"
+
+        registry = Registry(trainer.service_dir("trainer") / "registry")
+        expected = registry.load_model(registry.record("risk", 2), torch.device("cpu"))
+        with torch.inference_mode():
+            direct = torch.sigmoid(expected(torch.from_numpy(x))).numpy()
+        np.testing.assert_array_equal(probabilities(reply), direct)
+
+        bad = infer_request(x, raw=True)
+        bad.raw_input_contents[0] = bad.raw_input_contents[0][:-4]
+        for request, words in [
+            (bad, "bytes do not hold"),
+            (pb.ModelInferRequest(model_name="risk"), "exactly one input"),
+            (pb.ModelInferRequest(model_name="risk", model_version="x"), "integer"),
+        ]:
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await oip.ModelInfer(request, timeout=5)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert words in error.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await oip.ModelMetadata(pb.ModelMetadataRequest(name="risk", version="7"), timeout=5)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+        trainer_stub = trainer_pb2_grpc.TrainerStub(channel)
+        listed = await trainer_stub.ListModels(trainer_pb2.ListModelsRequest(), timeout=5)
+        assert [(m.name, m.version, list(m.versions)) for m in listed.models] == [
+            ("risk", 2, [1, 2])
+        ]
+        assert listed.models[0].spec.hidden == [8] and listed.models[0].spec.dropout == 0.5
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await trainer_stub.StartJob(
+                trainer_pb2.StartJobRequest(
+                    dataset="loans",
+                    target="y",
+                    model_name="risk",
+                    hyperparameters=trainer_pb2.Hyperparameters(epochs=5000),
+                ),
+                timeout=5,
+            )
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "hyperparameters.epochs" in error.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for _ in trainer_stub.WatchJob(trainer_pb2.WatchJobRequest(job_id="x")):
+                pass
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await trainer_stub.GetJob(trainer_pb2.GetJobRequest(job_id="x"), timeout=5)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,290 @@
+"""The model registry: immutable numbered versions on disk and a serving pointer per model.
+
+Layout under the registry root::
+
+    {name}/{version}/model.safetensors   weights + preprocessing buffers (never pickle)
+    {name}/{version}/model.json          spec, features, target, stats, metrics, digest
+    {name}/CURRENT                       the serving (newest promoted) version
+
+A version is written to a temporary directory, fsynced and renamed into place, so a reader
+sees either a whole version or none; CURRENT is replaced the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from onehop.errors import FailedPrecondition, InvalidArgument, NotFound
+from onehop.keys import validate_name
+from trainer_service.model import ModelSpec, Preprocessing, TabularModel
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+META = "model.json"
+CURRENT = "CURRENT"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """Everything model.json says about one registered version."""
+
+    name: str
+    version: int
+    spec: ModelSpec
+    features: tuple[str, ...]
+    target: str
+    means: tuple[float, ...]
+    stds: tuple[float, ...]
+    weights_digest: str
+    dataset: str = ""
+    dataset_version: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    created: float = 0.0
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.features, self.means, self.stds)
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "name": self.name,
+            "version": self.version,
+            "spec": self.spec.to_json(),
+            "features": list(self.features),
+            "target": self.target,
+            "means": list(self.means),
+            "stds": list(self.stds),
+            "metrics": self.metrics,
+            "dataset": self.dataset,
+            "dataset_version": self.dataset_version,
+            "created": self.created,
+            "weights_digest": self.weights_digest,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> ModelRecord:
+        return cls(
+            name=str(data["name"]),
+            version=int(data["version"]),
+            spec=ModelSpec.from_json(data["spec"]),
+            features=tuple(str(f) for f in data["features"]),
+            target=str(data["target"]),
+            means=tuple(float(m) for m in data["means"]),
+            stds=tuple(float(s) for s in data["stds"]),
+            weights_digest=str(data["weights_digest"]),
+            dataset=str(data.get("dataset", "")),
+            dataset_version=int(data.get("dataset_version", 0)),
+            metrics={str(k): float(v) for k, v in data.get("metrics", {}).items()},
+            created=float(data.get("created", 0.0)),
+        )
+
+
+def file_digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class Registry:
+    """Registered models under one directory. Thread-safe; one writer process."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    # --- writing -------------------------------------------------------------------------
+
+    def register(
+        self,
+        name: str,
+        model: TabularModel,
+        *,
+        target: str,
+        dataset: str = "",
+        dataset_version: int = 0,
+        metrics: dict[str, float] | None = None,
+        promote: bool = True,
+    ) -> ModelRecord:
+        """Write `model` as the next version of `name`; make it the serving one if `promote`."""
+        validate_name("model", name)
+        model_dir = self.root / name
+        with self._lock:
+            model_dir.mkdir(parents=True, exist_ok=True)
+            version = max(self._versions(name), default=0) + 1
+            tmp = model_dir / f".tmp-{uuid.uuid4().hex}"
+            tmp.mkdir()
+            try:
+                weights = tmp / WEIGHTS
+                save_file(model.weights(), str(weights), metadata={"format": str(FORMAT)})
+                with weights.open("rb+") as f:
+                    os.fsync(f.fileno())
+                pre = Preprocessing(model.features, *self._stats(model))
+                record = ModelRecord(
+                    name=name,
+                    version=version,
+                    spec=model.spec,
+                    features=pre.features,
+                    target=target,
+                    means=pre.means,
+                    stds=pre.stds,
+                    weights_digest=file_digest(weights),
+                    dataset=dataset,
+                    dataset_version=dataset_version,
+                    metrics=dict(metrics or {}),
+                    created=time.time(),
+                )
+                _write_synced(tmp / META, json.dumps(record.to_json(), indent=2).encode())
+                _fsync_dir(tmp)
+                tmp.rename(model_dir / str(version))
+                _fsync_dir(model_dir)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            if promote:
+                self._write_current(name, version)
+        log.info("registered model %s version %d (%s)", name, version, record.weights_digest)
+        return record
+
+    @staticmethod
+    def _stats(model: TabularModel) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return (
+            tuple(float(v) for v in model.mean.detach().cpu()),
+            tuple(float(v) for v in model.std.detach().cpu()),
+        )
+
+    def promote(self, name: str, version: int) -> ModelRecord:
+        """Point CURRENT at `version` after checking that it loads; a corrupt version is
+        refused (FailedPrecondition) and the old one keeps serving."""
+        record = self.record(name, version)
+        self.load_weights(record)
+        with self._lock:
+            self._write_current(name, version)
+        return record
+
+    def _write_current(self, name: str, version: int) -> None:
+        model_dir = self.root / name
+        tmp = model_dir / f".{CURRENT}.{uuid.uuid4().hex}"
+        _write_synced(tmp, f"{version}\n".encode())
+        tmp.replace(model_dir / CURRENT)
+        _fsync_dir(model_dir)
+
+    # --- reading -------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and self._versions(p.name)
+        )
+
+    def _versions(self, name: str) -> list[int]:
+        model_dir = self.root / name
+        if not model_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir())
+
+    def versions(self, name: str) -> list[int]:
+        """Every registered version, oldest first; NotFound for an unknown model."""
+        validate_name("model", name)
+        versions = self._versions(name)
+        if not versions:
+            raise NotFound(f"no model {name!r}")
+        return versions
+
+    def serving_version(self, name: str) -> int:
+        """The version CURRENT names (the newest version if there is no pointer yet)."""
+        versions = self.versions(name)
+        try:
+            version = int((self.root / name / CURRENT).read_text().strip())
+        except (OSError, ValueError):
+            return versions[-1]
+        return version if version in versions else versions[-1]
+
+    def resolve(self, name: str, version: int = 0) -> int:
+        """0 = the serving version; any other must exist (NotFound)."""
+        if version == 0:
+            return self.serving_version(name)
+        if version < 0:
+            raise InvalidArgument(f"model version must be a positive integer, got {version}")
+        if version not in self.versions(name):
+            raise NotFound(f"model {name!r} has no version {version}")
+        return version
+
+    def record(self, name: str, version: int = 0) -> ModelRecord:
+        version = self.resolve(name, version)
+        path = self.root / name / str(version) / META
+        try:
+            record = ModelRecord.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("model %s version %d: unreadable %s: %s", name, version, META, exc)
+            raise FailedPrecondition(
+                f"model {name!r} version {version} is unreadable; register it again"
+            ) from None
+        if record.name != name or record.version != version:
+            raise FailedPrecondition(f"model {name!r} version {version} has mismatched metadata")
+        return record
+
+    def load_weights(self, record: ModelRecord, device: str = "cpu") -> dict[str, torch.Tensor]:
+        """The version's tensors, checked against the recorded digest (safetensors only)."""
+        path = self.root / record.name / str(record.version) / WEIGHTS
+        untrusted = FailedPrecondition(
+            f"model {record.name!r} version {record.version} has corrupt or missing weights; "
+            "register it again"
+        )
+        try:
+            digest = file_digest(path)
+        except OSError:
+            raise untrusted from None
+        if digest != record.weights_digest:
+            log.warning("model %s version %d: digest mismatch", record.name, record.version)
+            raise untrusted
+        try:
+            return load_file(str(path), device=device)
+        except (SafetensorError, OSError, ValueError, RuntimeError):
+            raise untrusted from None
+
+    def load_model(self, record: ModelRecord, device: torch.device) -> TabularModel:
+        """An eval-mode module for `record` on `device`."""
+        weights = self.load_weights(record)
+        model = TabularModel(record.spec, record.preprocessing)
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError:
+            raise FailedPrecondition(
+                f"model {record.name!r} version {record.version} does not match its spec"
+            ) from None
+        return model.to(device).eval()

@@ -141,17 +141,27 @@ def _grpc_infer(mesh: Up, batch: np.ndarray) -> tuple[np.ndarray, str]:
     return values, trailers["onehop-cache"]
 
 
+def _until_hit(infer, attempts: int = 50):  # type: ignore[no-untyped-def]
+    """The write-back lands after the response (off the critical path): ask again, bounded."""
+    for _ in range(attempts):
+        result = infer()
+        if result[1] == "hit":
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"never a hit after {attempts} attempts: last outcome {result[1]}")
+
+
 def test_miss_then_hit_with_same_outputs_over_http_and_grpc(mesh: Up, rows: np.ndarray) -> None:
     first, cache1, _ = _http_infer(mesh, rows[:8])
-    second, cache2, hops2 = _http_infer(mesh, rows[:8])
-    assert (cache1, cache2) == ("miss", "hit")
+    second, _, hops2 = _until_hit(lambda: _http_infer(mesh, rows[:8]))
+    assert cache1 == "miss"
     assert hops2 == "0"  # the gateway reads the co-located cache's memory map
     np.testing.assert_array_equal(first, second)
     assert ((first > 0) & (first < 1)).all()
 
     fresh, cache3 = _grpc_infer(mesh, rows[8:])
-    again, cache4 = _grpc_infer(mesh, rows[8:])
-    assert (cache3, cache4) == ("miss", "hit")
+    again, _ = _until_hit(lambda: _grpc_infer(mesh, rows[8:]))
+    assert cache3 == "miss"
     np.testing.assert_array_equal(fresh, again)
     mixed, cache5 = _grpc_infer(mesh, rows)
     assert cache5 == "hit"

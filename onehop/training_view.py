@@ -70,7 +70,8 @@ _TERMINAL = {
 def follow_job(client: GatewayClient, job_id: str) -> JobOutcome:
     """Stream the job's progress into a bar; print the final metrics."""
     last = trainer_pb2.JobStatus(job_id=job_id)
-    with tqdm(total=0, unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
+    # disable=None: a bar on a terminal, none in logs (the final line says it all).
+    with tqdm(total=0, unit="step", file=sys.stderr, dynamic_ncols=True, disable=None) as bar:
         for status in client.watch_job(job_id):
             last = status
             if status.total_steps and bar.total != status.total_steps:

@@ -1,20 +1,7 @@
-"""`python -m cache_service`: the cache process."""
-
-from __future__ import annotations
-
-import asyncio
+"""`python -m cache_service`: the cache process, in the foreground until SIGINT/SIGTERM."""
 
 from cache_service.server import start
-from onehop.server import serve_forever
-from onehop.settings import Settings
-from onehop.telemetry import setup_logging
-
-
-def main() -> None:
-    settings = Settings()
-    setup_logging("cache", settings.log_level)
-    asyncio.run(serve_forever("cache", settings, start))
-
+from onehop.server import run_service
 
 if __name__ == "__main__":
-    main()
+    run_service("cache", start)

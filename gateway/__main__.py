@@ -1,20 +1,7 @@
-"""`python -m gateway`: the gateway in the foreground until SIGINT/SIGTERM."""
-
-from __future__ import annotations
-
-import asyncio
+"""`python -m gateway`: the gateway, in the foreground until SIGINT/SIGTERM."""
 
 from gateway.server import start
-from onehop.server import serve_forever
-from onehop.settings import Settings
-from onehop.telemetry import setup_logging
-
-
-def main() -> None:
-    settings = Settings()
-    setup_logging("gateway", settings.log_level)
-    asyncio.run(serve_forever("gateway", settings, start))
-
+from onehop.server import run_service
 
 if __name__ == "__main__":
-    main()
+    run_service("gateway", start)

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from onehop.errors import ErrorInterceptor
 from onehop.settings import Settings
+from onehop.telemetry import setup_logging
 
 
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
@@ -132,6 +133,13 @@ class Running:
 
     async def stop(self) -> None:
         await self._stop()
+
+
+def run_service(service: str, start: Callable[[Settings], Any]) -> None:
+    """`python -m <service>`: settings from the environment, JSON logs, serve until a signal."""
+    settings = Settings()
+    setup_logging(service, settings.log_level)
+    asyncio.run(serve_forever(service, settings, start))
 
 
 async def serve_forever(service: str, settings: Settings, start: Callable[[Settings], Any]) -> None:

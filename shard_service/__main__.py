@@ -1,20 +1,7 @@
-"""`python -m shard_service`: run the shard service until SIGINT/SIGTERM."""
+"""`python -m shard_service`: the shard service, in the foreground until SIGINT/SIGTERM."""
 
-from __future__ import annotations
-
-import asyncio
-
-from onehop.server import serve_forever
-from onehop.settings import Settings
-from onehop.telemetry import setup_logging
+from onehop.server import run_service
 from shard_service.server import start
 
-
-def main() -> None:
-    settings = Settings()
-    setup_logging("shard", settings.log_level)
-    asyncio.run(serve_forever("shard", settings, start))
-
-
 if __name__ == "__main__":
-    main()
+    run_service("shard", start)

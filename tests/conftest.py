@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
+from onehop.server import Running
 from onehop.settings import Settings
 
 
@@ -19,3 +21,35 @@ def settings(tmp_path: Path) -> Settings:
         grace_seconds=0.5,
         cache_size_bytes=64 << 20,
     )
+
+
+async def start_inner_services(settings: Settings, started: list[Running]) -> Settings:
+    """Cache, shard and trainer in-process on port 0, wired as `onehop up` wires them.
+
+    Each started service is appended to `started` (stop them in reverse order, also when
+    this raises); the returned settings point at all three.
+    """
+    import cache_service.server
+    import shard_service.server
+    import trainer_service.server
+
+    cache = await cache_service.server.start(settings)
+    started.append(cache)
+    settings = settings.model_copy(
+        update={
+            "cache_address": cache.endpoints["grpc"],
+            "cache_flight_address": cache.endpoints["flight"],
+        }
+    )
+    shard = await shard_service.server.start(settings)
+    started.append(shard)
+    settings = settings.model_copy(update={"shard_address": shard.endpoints["flight"]})
+    trainer = await trainer_service.server.start(settings)
+    started.append(trainer)
+    return settings.model_copy(update={"trainer_address": trainer.endpoints["grpc"]})
+
+
+@pytest.fixture(scope="session")
+def inner_services() -> Callable[[Settings, list[Running]], Awaitable[Settings]]:
+    """`start_inner_services`, for module-scoped fixtures that build a mesh in-process."""
+    return start_inner_services

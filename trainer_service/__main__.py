@@ -1,20 +1,7 @@
-"""`python -m trainer_service`: run the trainer until SIGINT/SIGTERM."""
+"""`python -m trainer_service`: the trainer, in the foreground until SIGINT/SIGTERM."""
 
-from __future__ import annotations
-
-import asyncio
-
-from onehop.server import serve_forever
-from onehop.settings import Settings
-from onehop.telemetry import setup_logging
+from onehop.server import run_service
 from trainer_service.server import start
 
-
-def main() -> None:
-    settings = Settings()
-    setup_logging("trainer", settings.log_level)
-    asyncio.run(serve_forever("trainer", settings, start))
-
-
 if __name__ == "__main__":
-    main()
+    run_service("trainer", start)

@@ -33,6 +33,7 @@ from onehop.errors import (
     Unavailable,
     from_flight_error,
 )
+from onehop.server import Running
 from onehop.settings import Settings
 from protos.onehop.v1 import data_pb2, gateway_pb2, gateway_pb2_grpc, trainer_pb2
 
@@ -93,12 +94,10 @@ def _ingest(address: str, descriptor: flight.FlightDescriptor, table: pa.Table) 
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
-    # Imported here: these packages are written alongside the gateway.
-    import cache_service.server
+async def mesh(
+    tmp_path_factory: pytest.TempPathFactory, inner_services: Any
+) -> AsyncIterator[Mesh]:
     import gateway.server
-    import shard_service.server
-    import trainer_service.server
 
     root = tmp_path_factory.mktemp("mesh")
     settings = Settings(
@@ -109,22 +108,9 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
         grace_seconds=0.5,
         cache_size_bytes=64 << 20,
     )
-    started = []
+    started: list[Running] = []
     try:
-        cache = await cache_service.server.start(settings)
-        started.append(cache)
-        settings = settings.model_copy(
-            update={
-                "cache_address": cache.endpoints["grpc"],
-                "cache_flight_address": cache.endpoints["flight"],
-            }
-        )
-        shard = await shard_service.server.start(settings)
-        started.append(shard)
-        settings = settings.model_copy(update={"shard_address": shard.endpoints["flight"]})
-        trainer = await trainer_service.server.start(settings)
-        started.append(trainer)
-        settings = settings.model_copy(update={"trainer_address": trainer.endpoints["grpc"]})
+        settings = await inner_services(settings, started)
         gw = await gateway.server.start(settings)
         started.append(gw)
 
@@ -140,8 +126,8 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
         yield Mesh(
             settings=settings,
             gateway=gw.endpoints,
-            cache=cache.endpoints,
-            shard=shard.endpoints,
+            cache=started[0].endpoints,
+            shard=started[1].endpoints,
             root=root,
             table=table,
             ingested=data_pb2.DatasetInfo.FromString(answer),

@@ -99,12 +99,9 @@ def build_app(router: InferenceRouter) -> FastAPI:
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
-    # Imported here: these services are written alongside the gateway.
-    import cache_service.server
-    import shard_service.server
-    import trainer_service.server
-
+async def mesh(
+    tmp_path_factory: pytest.TempPathFactory, inner_services: Any
+) -> AsyncIterator[Mesh]:
     root = tmp_path_factory.mktemp("inference")
     settings = Settings(
         data_dir=root / "data", grace_seconds=0.5, cache_size_bytes=64 << 20, default_shards=2
@@ -112,23 +109,9 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
     started: list[Running] = []
     closers: list[Any] = []
     try:
-        cache = await cache_service.server.start(settings)
-        started.append(cache)
-        settings = settings.model_copy(
-            update={
-                "cache_address": cache.endpoints["grpc"],
-                "cache_flight_address": cache.endpoints["flight"],
-            }
-        )
-        shard = await shard_service.server.start(settings)
-        started.append(shard)
-        settings = settings.model_copy(update={"shard_address": shard.endpoints["flight"]})
-        trainer = await trainer_service.server.start(settings)
-        started.append(trainer)
-        settings = settings.model_copy(
-            update={"trainer_address": trainer.endpoints["grpc"], "model_info_ttl_seconds": 60.0}
-        )
-        await asyncio.to_thread(_ingest, shard.endpoints["flight"], _table())
+        settings = await inner_services(settings, started)
+        settings = settings.model_copy(update={"model_info_ttl_seconds": 60.0})
+        await asyncio.to_thread(_ingest, settings.shard_address, _table())
 
         trainer_channel = aio_channel(settings.trainer_address, settings)
         cache_channel = aio_channel(settings.cache_address, settings)

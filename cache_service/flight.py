@@ -9,26 +9,14 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
-from google.protobuf.message import DecodeError
 
 from cache_service.store import CacheStore
-from onehop.dataplane import arrange
+from onehop.dataplane import arrange, shard_ticket
 from onehop.errors import InvalidArgument, NotFound, flight_errors
-from onehop.keys import shard_key, validate_name
+from onehop.keys import shard_key
 from protos.onehop.v1 import data_pb2
 
 log = logging.getLogger(__name__)
-
-
-def parse_ticket(raw: bytes) -> data_pb2.ShardTicket:
-    try:
-        ticket = data_pb2.ShardTicket.FromString(raw)
-    except DecodeError:
-        raise InvalidArgument(
-            "malformed shard ticket: expected the bytes of an onehop.v1.ShardTicket"
-        ) from None
-    validate_name("dataset", ticket.dataset)
-    return ticket
 
 
 def _describe(ticket: data_pb2.ShardTicket) -> str:
@@ -55,7 +43,7 @@ class CacheFlightServer(flight.FlightServerBase):
                 raise InvalidArgument(
                     "cache DoPut needs FlightDescriptor.for_command(<onehop.v1.ShardTicket bytes>)"
                 )
-            ticket = parse_ticket(descriptor.command)
+            ticket = shard_ticket(descriptor.command)
             sink = pa.BufferOutputStream()
             try:
                 # Re-encode batch by batch as they arrive: one IPC stream, no table in between.
@@ -74,7 +62,7 @@ class CacheFlightServer(flight.FlightServerBase):
         self, context: flight.ServerCallContext, ticket: flight.Ticket
     ) -> flight.RecordBatchStream:
         with flight_errors():
-            shard = parse_ticket(ticket.ticket)
+            shard = shard_ticket(ticket.ticket)
             key = shard_key(shard)
             payload = self._store.get(key)
             if payload is None:

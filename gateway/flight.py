@@ -15,11 +15,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
-from google.protobuf.message import DecodeError
 
-from onehop.dataplane import INGEST_ABORT, DataClient
+from onehop.dataplane import DataClient, data_request, ingest_request, put_batches
 from onehop.errors import InvalidArgument, flight_errors
-from onehop.keys import validate_name
 from onehop.settings import Settings
 from protos.onehop.v1 import data_pb2
 
@@ -68,79 +66,16 @@ class GatewayFlightServer(flight.FlightServerBase):
         reader: flight.MetadataRecordBatchReader,
         writer: flight.FlightMetadataWriter,
     ) -> None:
-        """Ingest: the upload streams through to the shard service batch by batch; the new
-        version's DatasetInfo comes back as the PutResult's app_metadata."""
+        """Ingest: the upload streams through to the shard service batch by batch (an abandoned
+        upload is passed on, so nothing is published); the new version's DatasetInfo comes back
+        as the PutResult's app_metadata."""
         with flight_errors():
             request = ingest_request(descriptor)
             info = self._data.ingest(
                 request.dataset,
-                _batches(reader),
+                put_batches(reader),
                 reader.schema,
                 shards=request.shards,
                 key=request.key,
             )
             writer.write(pa.py_buffer(info.SerializeToString()))
-
-
-def data_request(descriptor: flight.FlightDescriptor) -> data_pb2.DataRequest:
-    """`for_path(name)`, `for_path(name, version)` or `for_command(DataRequest bytes)`."""
-    if descriptor.descriptor_type == flight.DescriptorType.CMD:
-        request = _parse(data_pb2.DataRequest, descriptor.command, "onehop.v1.DataRequest")
-    else:
-        path = _path(descriptor)
-        if len(path) not in (1, 2):
-            raise InvalidArgument("descriptor path must be [dataset] or [dataset, version]")
-        request = data_pb2.DataRequest(dataset=path[0])
-        if len(path) == 2:
-            if not path[1].isdigit() or int(path[1]) >= 1 << 32:
-                raise InvalidArgument(f"dataset version {path[1]!r} is not a version number")
-            request.version = int(path[1])
-    validate_name("dataset", request.dataset)
-    return request
-
-
-def ingest_request(descriptor: flight.FlightDescriptor) -> data_pb2.IngestRequest:
-    """`for_path(name)` or `for_command(IngestRequest bytes)`; the version is assigned."""
-    if descriptor.descriptor_type == flight.DescriptorType.CMD:
-        request = _parse(data_pb2.IngestRequest, descriptor.command, "onehop.v1.IngestRequest")
-    else:
-        path = _path(descriptor)
-        if len(path) != 1:
-            raise InvalidArgument("DoPut descriptor path must be [dataset]: versions are assigned")
-        request = data_pb2.IngestRequest(dataset=path[0])
-    validate_name("dataset", request.dataset)
-    return request
-
-
-def _path(descriptor: flight.FlightDescriptor) -> list[str]:
-    try:
-        return [
-            part.decode("utf-8") if isinstance(part, bytes) else str(part)
-            for part in descriptor.path or []
-        ]
-    except UnicodeDecodeError:
-        raise InvalidArgument("descriptor path is not UTF-8") from None
-
-
-def _parse(cls: Any, data: bytes, what: str) -> Any:
-    try:
-        return cls.FromString(data)
-    except DecodeError:
-        raise InvalidArgument(f"descriptor command is not a serialized {what}") from None
-
-
-def _batches(reader: flight.MetadataRecordBatchReader) -> Iterator[pa.RecordBatch]:
-    """The client's upload, one record batch at a time (never materialised); a broken
-    stream is the client's mistake, not ours."""
-    while True:
-        try:
-            chunk = reader.read_chunk()
-        except StopIteration:
-            return
-        except pa.ArrowInvalid as exc:
-            raise InvalidArgument("malformed Arrow IPC stream in DoPut") from exc
-        if chunk.app_metadata is not None and chunk.app_metadata.to_pybytes() == INGEST_ABORT:
-            # Passed on, so the shard service publishes nothing either.
-            raise InvalidArgument("the client abandoned the ingest; nothing was published")
-        if chunk.data is not None:
-            yield chunk.data

@@ -1,17 +1,20 @@
 """The data plane's shared pieces: how a prepared shard is arranged for one read (shuffle by
-(seed, epoch), resume offset), so the shard service and the cache serve identical rows; and
-`DataClient`, the Flight client of the shard service and the cache."""
+(seed, epoch), resume offset), so the shard service and the cache serve identical rows; the
+Flight edge's parsing of descriptors, tickets and DoPut streams, so every server reads them
+alike; and `DataClient`, the Flight client of the shard service and the cache."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import grpc
 import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
+from google.protobuf.message import DecodeError, Message
 
 from onehop.channels import flight_location, sync_channel
 from onehop.errors import (
@@ -20,7 +23,7 @@ from onehop.errors import (
     Unavailable,
     from_flight_error,
 )
-from onehop.keys import shard_key
+from onehop.keys import shard_key, validate_name
 from onehop.settings import Settings
 from protos.onehop.v1 import cache_pb2, cache_pb2_grpc, data_pb2
 
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 # DoPut app_metadata by which a client abandons an ingest whose source failed mid-stream:
 # Flight cannot cancel a DoPut, and a plain end of stream would publish a partial version.
 INGEST_ABORT = b"onehop:abort-ingest"
+
+M = TypeVar("M", bound=Message)
 
 
 def epoch_permutation(rows: int, seed: int, epoch: int, salt: int = 0) -> np.ndarray:
@@ -45,6 +50,98 @@ def arrange(table: pa.Table, ticket: data_pb2.ShardTicket) -> pa.Table:
     if ticket.offset:
         table = table.slice(min(ticket.offset, table.num_rows))
     return table
+
+
+# --- the Flight edge: what clients send -----------------------------------------------------
+
+
+def parse_message(message_type: type[M], data: bytes, what: str) -> M:
+    """A message from Flight bytes (command, ticket, action body); garbage → InvalidArgument."""
+    try:
+        return message_type.FromString(data)
+    except DecodeError:
+        raise InvalidArgument(
+            f"{what} is not a serialized {message_type.DESCRIPTOR.full_name}"
+        ) from None
+
+
+def shard_ticket(data: bytes) -> data_pb2.ShardTicket:
+    """A DoGet ticket (or a cache DoPut command) as the ShardTicket it must be."""
+    ticket = parse_message(data_pb2.ShardTicket, data, "the ticket")
+    validate_name("dataset", ticket.dataset)
+    return ticket
+
+
+def data_request(descriptor: flight.FlightDescriptor) -> data_pb2.DataRequest:
+    """`for_path(name)`, `for_path(name, version)` (version "3" or "v3"; 0 = newest) or
+    `for_command(DataRequest bytes)`."""
+    if descriptor.descriptor_type == flight.DescriptorType.CMD:
+        request = parse_message(
+            data_pb2.DataRequest, descriptor.command, "the descriptor's command"
+        )
+    else:
+        path = _path(descriptor)
+        if len(path) not in (1, 2):
+            raise InvalidArgument(
+                f"a dataset path is [name] or [name, version], got {len(path)} elements"
+            )
+        request = data_pb2.DataRequest(dataset=path[0])
+        if len(path) == 2:
+            request.version = _version(path[1])
+    validate_name("dataset", request.dataset)
+    return request
+
+
+def ingest_request(descriptor: flight.FlightDescriptor) -> data_pb2.IngestRequest:
+    """`for_path(name)` or `for_command(IngestRequest bytes)`; the version is assigned."""
+    if descriptor.descriptor_type == flight.DescriptorType.CMD:
+        request = parse_message(
+            data_pb2.IngestRequest, descriptor.command, "the descriptor's command"
+        )
+    else:
+        path = _path(descriptor)
+        if len(path) != 1:
+            raise InvalidArgument("DoPut descriptor path must be [dataset]: versions are assigned")
+        request = data_pb2.IngestRequest(dataset=path[0])
+    validate_name("dataset", request.dataset)
+    return request
+
+
+def put_batches(reader: flight.MetadataRecordBatchReader) -> Iterator[pa.RecordBatch]:
+    """DoPut's batches, one at a time (never materialised). A client whose own source failed
+    mid-stream sends INGEST_ABORT (a plain end of stream would look complete): fail, so
+    nothing is published; a broken stream is the client's mistake."""
+    while True:
+        try:
+            chunk = reader.read_chunk()
+        except StopIteration:
+            return
+        except pa.ArrowInvalid as exc:
+            raise InvalidArgument("malformed Arrow IPC stream in DoPut") from exc
+        if chunk.app_metadata is not None and chunk.app_metadata.to_pybytes() == INGEST_ABORT:
+            raise InvalidArgument("the client abandoned the ingest; nothing was published")
+        if chunk.data is not None:
+            yield chunk.data
+
+
+def _path(descriptor: flight.FlightDescriptor) -> list[str]:
+    try:
+        return [
+            part.decode("utf-8") if isinstance(part, bytes) else str(part)
+            for part in descriptor.path or []
+        ]
+    except UnicodeDecodeError:
+        raise InvalidArgument("descriptor path is not UTF-8") from None
+
+
+def _version(text: str) -> int:
+    digits = text.removeprefix("v")
+    if not (digits.isascii() and digits.isdigit()):
+        raise InvalidArgument(f"dataset version {text!r} is not a number")
+    version = int(digits)
+    if version >= 2**32:
+        raise InvalidArgument(f"dataset version {version} is out of range")
+    return version
 
 
 class DataClient:

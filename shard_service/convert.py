@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import TypeVar
-
-from google.protobuf.message import DecodeError, Message
 
 from onehop.errors import InvalidArgument
 from protos.onehop.v1 import data_pb2
 from shard_service.catalog import DatasetInfo, Prep
 
 _SCALINGS = {data_pb2.SCALING_NONE: False, data_pb2.SCALING_STANDARD: True}
-M = TypeVar("M", bound=Message)
-
-
-def parse(message_type: type[M], data: bytes, what: str) -> M:
-    """A message from Flight bytes (command, ticket, action body); garbage → InvalidArgument."""
-    try:
-        return message_type.FromString(data)
-    except DecodeError as exc:
-        raise InvalidArgument(f"{what} is not a valid {message_type.DESCRIPTOR.full_name}") from exc
 
 
 def prep_of(message: data_pb2.DataRequest | data_pb2.ShardTicket) -> Prep:

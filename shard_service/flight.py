@@ -17,13 +17,21 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from onehop.channels import flight_location
-from onehop.dataplane import INGEST_ABORT, arrange, epoch_permutation
+from onehop.dataplane import (
+    arrange,
+    data_request,
+    epoch_permutation,
+    ingest_request,
+    parse_message,
+    put_batches,
+    shard_ticket,
+)
 from onehop.errors import InvalidArgument, flight_errors
 from onehop.keys import shard_key
 from onehop.settings import Settings
 from protos.onehop.v1 import data_pb2
 from shard_service.catalog import Catalog, DatasetInfo
-from shard_service.convert import info_to_pb, parse, prep_of, ticket_for
+from shard_service.convert import info_to_pb, prep_of, ticket_for
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +165,7 @@ class ShardFlightServer(flight.FlightServerBase):
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
         with flight_errors():
-            request = _data_request(descriptor)
+            request = data_request(descriptor)
             info = self.catalog.describe(request.dataset, request.version)
             return self._flight_info(descriptor, request, info)
 
@@ -165,7 +173,7 @@ class ShardFlightServer(flight.FlightServerBase):
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.SchemaResult:
         with flight_errors():
-            request = _data_request(descriptor)
+            request = data_request(descriptor)
             info = self.catalog.describe(request.dataset, request.version)
             return flight.SchemaResult(self.catalog.prepared_schema(info, prep_of(request)))
 
@@ -197,19 +205,17 @@ class ShardFlightServer(flight.FlightServerBase):
         self, context: flight.ServerCallContext, ticket: flight.Ticket
     ) -> flight.FlightDataStream:
         with flight_errors():
-            shard_ticket = parse(data_pb2.ShardTicket, ticket.ticket, "the ticket")
-            if shard_ticket.version == 0:
-                shard_ticket.version = self.catalog.describe(shard_ticket.dataset).version
+            shard = shard_ticket(ticket.ticket)
+            if shard.version == 0:
+                shard.version = self.catalog.describe(shard.dataset).version
             table = self.catalog.read_prepared(
-                shard_ticket.dataset,
-                shard_ticket.version,
-                shard_ticket.shard,
-                prep_of(shard_ticket),
+                shard.dataset,
+                shard.version,
+                shard.shard,
+                prep_of(shard),
             )
-            arranged = arrange(table, shard_ticket)
-            return flight.GeneratorStream(
-                arranged.schema, self._stream(arranged, shard_ticket, table)
-            )
+            arranged = arrange(table, shard)
+            return flight.GeneratorStream(arranged.schema, self._stream(arranged, shard, table))
 
     def _stream(
         self, arranged: pa.Table, ticket: data_pb2.ShardTicket, prepared: pa.Table
@@ -229,11 +235,11 @@ class ShardFlightServer(flight.FlightServerBase):
         writer: flight.FlightMetadataWriter,
     ) -> None:
         with flight_errors():
-            request = _ingest_request(descriptor)
+            request = ingest_request(descriptor)
             info = self.catalog.ingest(
                 request.dataset,
                 reader.schema,
-                _put_batches(reader),
+                put_batches(reader),
                 shards=request.shards,
                 key=request.key,
             )
@@ -250,7 +256,7 @@ class ShardFlightServer(flight.FlightServerBase):
         with flight_errors():
             if action.type == "describe":
                 body = action.body.to_pybytes() if action.body is not None else b""
-                request = parse(data_pb2.DataRequest, body, "the describe body")
+                request = parse_message(data_pb2.DataRequest, body, "the describe body")
                 info = self.catalog.describe(request.dataset, request.version)
                 result = info_to_pb(info).SerializeToString()
             elif action.type == "list-datasets":
@@ -263,43 +269,3 @@ class ShardFlightServer(flight.FlightServerBase):
                     f"unknown action {action.type!r}; actions: {', '.join(ACTIONS)}"
                 )
             return iter([flight.Result(pa.py_buffer(result))])
-
-
-def _put_batches(reader: flight.MetadataRecordBatchReader) -> Iterator[pa.RecordBatch]:
-    """DoPut's batches. A client whose own source failed mid-stream sends INGEST_ABORT as
-    app_metadata (a plain end of stream would look complete): the ingest then fails."""
-    for chunk in reader:
-        metadata = chunk.app_metadata
-        if metadata is not None and metadata.to_pybytes() == INGEST_ABORT:
-            raise InvalidArgument("the client abandoned the ingest: nothing was published")
-        if chunk.data is not None:
-            yield chunk.data
-
-
-def _data_request(descriptor: flight.FlightDescriptor) -> data_pb2.DataRequest:
-    """A descriptor as a DataRequest: path (name[, version]) or command (DataRequest bytes)."""
-    if descriptor.descriptor_type == flight.DescriptorType.CMD:
-        return parse(data_pb2.DataRequest, descriptor.command, "the descriptor's command")
-    path = [part.decode() if isinstance(part, bytes) else part for part in descriptor.path or []]
-    if not 1 <= len(path) <= 2:
-        raise InvalidArgument(
-            f"a dataset path is [name] or [name, version], got {len(path)} elements"
-        )
-    version = 0
-    if len(path) == 2:
-        try:
-            version = int(path[1].removeprefix("v"))
-        except ValueError:
-            raise InvalidArgument(f"dataset version {path[1]!r} is not a number") from None
-        if not 0 <= version < 2**32:
-            raise InvalidArgument(f"dataset version {version} is out of range")
-    return data_pb2.DataRequest(dataset=path[0], version=version)
-
-
-def _ingest_request(descriptor: flight.FlightDescriptor) -> data_pb2.IngestRequest:
-    if descriptor.descriptor_type == flight.DescriptorType.CMD:
-        return parse(data_pb2.IngestRequest, descriptor.command, "the descriptor's command")
-    path = [part.decode() if isinstance(part, bytes) else part for part in descriptor.path or []]
-    if len(path) != 1:
-        raise InvalidArgument("DoPut's descriptor path is [dataset name]")
-    return data_pb2.IngestRequest(dataset=path[0])

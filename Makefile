@@ -32,6 +32,7 @@ test: install  ## run the test suite (unit, service, end to end)
 lint: install  ## ruff and mypy over the hand-written code
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy onehop cache_service shard_service trainer_service gateway
 
 up: install  ## start the mesh in the foreground (Ctrl-C stops it)
 	$(VENV)/bin/onehop up

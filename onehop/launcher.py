@@ -229,7 +229,7 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 def status(data_dir: Path) -> list[dict]:
     """What `onehop status` shows: each service's pid, endpoints and health."""
-    rows = []
+    rows: list[dict] = []
     for spec in SERVICES:
         info = read_run_file(data_dir, spec.name)
         if info is None:

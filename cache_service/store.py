@@ -6,6 +6,7 @@ process on this host, for zero-hop hits (DESIGN §3).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -194,8 +195,10 @@ def _release_env(path: Path, *, store: bool) -> None:
 # --- stats -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass
 class NamespaceStats:
+    """Counters of one namespace; the store keeps live ones and hands out copies."""
+
     hits: int = 0
     misses: int = 0
     entries: int = 0
@@ -213,17 +216,6 @@ class StoreStats:
     used_bytes: int
     # Write transactions committed; puts per commit shows how well group commit batches.
     commits: int = 0
-
-
-@dataclass
-class _Counters:
-    hits: int = 0
-    misses: int = 0
-    entries: int = 0
-    bytes: int = 0
-    evictions: int = 0
-    corrupt: int = 0
-    expired: int = 0
 
 
 @dataclass(slots=True)
@@ -343,7 +335,7 @@ class CacheStore:
         self._lock = threading.Lock()  # the index, recency and counters
         self._entries: dict[bytes, _Entry] = {}
         self._recency = _Recency(int(capacity_bytes * PROTECTED_SHARE))
-        self._counters: dict[str, _Counters] = {}
+        self._counters: dict[str, NamespaceStats] = {}
         self.used_bytes = 0
         self._commits = 0
         try:
@@ -464,16 +456,7 @@ class CacheStore:
     def stats(self) -> StoreStats:
         with self._lock:
             namespaces = {
-                name: NamespaceStats(
-                    hits=c.hits,
-                    misses=c.misses,
-                    entries=c.entries,
-                    bytes=c.bytes,
-                    evictions=c.evictions,
-                    corrupt=c.corrupt,
-                    expired=c.expired,
-                )
-                for name, c in self._counters.items()
+                name: dataclasses.replace(counters) for name, counters in self._counters.items()
             }
             return StoreStats(namespaces, self.capacity_bytes, self.used_bytes, self._commits)
 
@@ -499,10 +482,10 @@ class CacheStore:
         if self._closed:
             raise Unavailable("the cache store is closed")
 
-    def _ns(self, namespace: str) -> _Counters:
+    def _ns(self, namespace: str) -> NamespaceStats:
         counters = self._counters.get(namespace)
         if counters is None:
-            counters = self._counters[namespace] = _Counters()
+            counters = self._counters[namespace] = NamespaceStats()
         return counters
 
     def _load_index(self) -> None:

@@ -106,11 +106,12 @@ class GatewayControl:
     def inner_services(self) -> list[tuple[str, str, str]]:
         """(name, address, protocol) of each inner service the settings name."""
         s = self.settings
-        listed = [
-            ("cache", s.cache_address, "grpc"),
-            ("shard", s.shard_address, "flight"),
-            ("trainer", s.trainer_address, "grpc"),
-        ]
+        shard = (
+            ("shard", s.shard_health_address, "grpc")
+            if s.shard_health_address
+            else ("shard", s.shard_address, "flight")
+        )
+        listed = [("cache", s.cache_address, "grpc"), shard, ("trainer", s.trainer_address, "grpc")]
         return [entry for entry in listed if entry[1]]
 
     async def cluster_status(self) -> list[ServiceHealth]:
@@ -145,8 +146,8 @@ class GatewayControl:
 
 
 def _flight_health(address: str) -> str:
-    """A Flight port has no grpc.health.v1 (pyarrow's server cannot host other services):
-    any answer to ListActions, even "not implemented", means the process is up."""
+    """Without `shard_health_address` only the Flight port is known, and it has no
+    grpc.health.v1: any answer to ListActions, even "not implemented", means it is up."""
     client = flight.connect(flight_location(address))
     try:
         options = flight.FlightCallOptions(timeout=HEALTH_TIMEOUT_SECONDS)

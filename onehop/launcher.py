@@ -144,6 +144,7 @@ class Mesh:
         shard = self.children.get("shard")
         if shard:
             env["ONEHOP_SHARD_ADDRESS"] = shard.endpoints["flight"]
+            env["ONEHOP_SHARD_HEALTH_ADDRESS"] = shard.endpoints["grpc"]
         trainer = self.children.get("trainer")
         if trainer:
             env["ONEHOP_TRAINER_ADDRESS"] = trainer.endpoints["grpc"]

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     cache_address: str = ""
     cache_flight_address: str = ""
     shard_address: str = ""
+    # The shard service's grpc.health.v1 (its Flight port cannot host other gRPC services).
+    shard_health_address: str = ""
     trainer_address: str = ""
     # LMDB directory of a cache replica on this host: the gateway then reads hits from its
     # memory map (zero hops). Empty = every lookup goes to cache_address.

@@ -43,7 +43,12 @@ async def start_inner_services(settings: Settings, started: list[Running]) -> Se
     )
     shard = await shard_service.server.start(settings)
     started.append(shard)
-    settings = settings.model_copy(update={"shard_address": shard.endpoints["flight"]})
+    settings = settings.model_copy(
+        update={
+            "shard_address": shard.endpoints["flight"],
+            "shard_health_address": shard.endpoints["grpc"],
+        }
+    )
     trainer = await trainer_service.server.start(settings)
     started.append(trainer)
     return settings.model_copy(update={"trainer_address": trainer.endpoints["grpc"]})

@@ -18,7 +18,14 @@ import pyarrow.parquet as pq
 
 from onehop.channels import flight_location, sync_channel
 from onehop.dataplane import put_dataset
-from onehop.errors import InvalidArgument, NotFound, from_flight_error, from_rpc_error
+from onehop.errors import (
+    InvalidArgument,
+    NotFound,
+    OnehopError,
+    from_flight_error,
+    from_http_status,
+    from_rpc_error,
+)
 from onehop.launcher import pid_alive, read_run_file
 from onehop.settings import Settings
 from protos.onehop.v1 import data_pb2, gateway_pb2, gateway_pb2_grpc, trainer_pb2
@@ -168,21 +175,9 @@ class GatewayClient:
         )
 
 
-def _http_error(response: httpx.Response) -> Exception:
-    from onehop import errors
-
+def _http_error(response: httpx.Response) -> OnehopError:
     try:
         message = response.json().get("error", response.text)
     except ValueError:
         message = response.text
-    by_status = {
-        400: errors.InvalidArgument,
-        401: errors.Unauthenticated,
-        403: errors.PermissionDenied,
-        404: errors.NotFound,
-        413: errors.PayloadTooLarge,
-        429: errors.ResourceExhausted,
-        503: errors.Unavailable,
-        504: errors.DeadlineExceeded,
-    }
-    return by_status.get(response.status_code, errors.Internal)(message)
+    return from_http_status(response.status_code, message)

@@ -57,9 +57,7 @@ def _wait_cached(client: GatewayClient, request: data_pb2.DataRequest, timeout: 
     deadline = time.monotonic() + timeout
     info = client.plan(request)
     while time.monotonic() < deadline:
-        if len({ep.locations[0].uri for ep in info.endpoints}) and all(
-            len(ep.locations) > 1 for ep in info.endpoints
-        ):
+        if info.endpoints and all(len(ep.locations) > 1 for ep in info.endpoints):
             return info
         time.sleep(0.2)
         info = client.plan(request)

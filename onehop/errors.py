@@ -85,19 +85,21 @@ class Internal(OnehopError):
         return cls(f"internal error (correlation id {correlation_id})")
 
 
-_BY_CODE: dict[grpc.StatusCode, type[OnehopError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidArgument,
-        NotFound,
-        Unavailable,
-        ResourceExhausted,
-        DeadlineExceeded,
-        FailedPrecondition,
-        Unauthenticated,
-        PermissionDenied,
-    )
-}
+# The table's rows that a client can be told about; where two share a code or a status,
+# the earlier one is what a peer's code or status maps back to.
+_TABLE: tuple[type[OnehopError], ...] = (
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    ResourceExhausted,
+    PayloadTooLarge,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Unauthenticated,
+    PermissionDenied,
+)
+_BY_CODE: dict[grpc.StatusCode, type[OnehopError]] = {cls.code: cls for cls in reversed(_TABLE)}
+_BY_HTTP_STATUS: dict[int, type[OnehopError]] = {cls.http_status: cls for cls in reversed(_TABLE)}
 RETRY_AFTER_SECONDS = 1
 
 
@@ -115,6 +117,11 @@ def from_rpc_error(exc: grpc.RpcError) -> OnehopError:
     if cls is None:
         return Internal(details or "internal error")
     return cls(details or code.name)
+
+
+def from_http_status(status: int, message: str) -> OnehopError:
+    """The domain error behind an HTTP error answer of the gateway's bridge."""
+    return _BY_HTTP_STATUS.get(status, Internal)(message)
 
 
 def to_onehop_error(exc: BaseException) -> OnehopError:

@@ -148,3 +148,14 @@ def test_settings_come_from_the_environment(
     monkeypatch.setenv("ONEHOP_GATEWAY_HTTP_PORT", "70000")
     with pytest.raises(ValueError):
         Settings()
+
+
+def test_http_statuses_map_back_to_the_tables_errors() -> None:
+    assert isinstance(errors.from_http_status(400, "bad"), errors.InvalidArgument)
+    assert isinstance(errors.from_http_status(404, "gone"), errors.NotFound)
+    assert isinstance(errors.from_http_status(413, "big"), errors.PayloadTooLarge)
+    assert isinstance(errors.from_http_status(429, "full"), errors.ResourceExhausted)
+    assert type(errors.from_http_status(429, "full")) is errors.ResourceExhausted
+    assert isinstance(errors.from_http_status(503, "down"), errors.Unavailable)
+    assert isinstance(errors.from_http_status(500, "boom"), errors.Internal)
+    assert errors.from_http_status(404, "no model m").message == "no model m"

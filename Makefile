@@ -8,10 +8,12 @@ CONSTRAINTS ?= constraints-cpu.txt
 PROTO_SRC := $(wildcard protos/inference/*.proto protos/onehop/v1/*.proto)
 
 .DEFAULT_GOAL := help
-.PHONY: help install protos protos-check test test-e2e lint demo up
+.PHONY: help install protos protos-check test test-e2e lint demo up bench
+.PHONY: images k8s-validate
+.PHONY: reliability
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +41,20 @@ up: install  ## start the mesh in the foreground (Ctrl-C stops it)
 
 demo: install  ## the main job: ingest, train, predict twice, report
 	$(VENV)/bin/onehop demo
+
+# The whole reliability suite (faults, hostile input, soak) at full length; `make test` runs
+# its bounded subset. Prints the table and writes artifacts/reliability.json.
+reliability: install  ## run the full reliability suite and write artifacts/reliability.json
+	ONEHOP_RELIABILITY=full $(PY) -m pytest -q -p no:cacheprovider -m reliability tests/reliability
+
+images: install  ## build the container image (docker, else podman; deploy/build-images.sh)
+	deploy/build-images.sh
+
+k8s-validate: install  ## render every deploy/k8s overlay, validate offline and check policy
+	deploy/k8s/validate.sh
+
+# `make bench BENCH_ARGS=--quick` for the two-minute smoke run.
+BENCH_ARGS ?=
+bench: install  ## the measured report: table, docs/bench/ (JSON, plots, the README's section)
+	$(VENV)/bin/onehop bench $(BENCH_ARGS) --json docs/bench/report.json --plots docs/bench \
+	    --markdown docs/bench/performance.md

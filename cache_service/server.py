@@ -11,15 +11,18 @@ from cache_service.flight import CacheFlightServer
 from cache_service.servicer import SERVICE_NAME, CacheServicer
 from cache_service.store import CacheStore
 from onehop.channels import flight_location
-from onehop.server import GrpcServer, Running
+from onehop.server import GrpcServer, Running, flight_server_options
 from onehop.settings import Settings
 from protos.onehop.v1 import cache_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# Threads that run LMDB work for gRPC calls. Puts wait there for their group commit, so
-# more threads = bigger batches; the store keeps half of its 126 reader slots in reserve.
-IO_THREADS = 32
+# Threads for the LMDB work that may wait on the disk: large reads, preparing large writes,
+# deletes. Puts wait for their group commit without a thread (see the servicer). Fewer than
+# the store's share of reader slots (half of MAX_READERS), with Flight's threads on top.
+IO_THREADS = 16
+# LMDB's reader table, for this process and the zero-hop readers on the host.
+MAX_READERS = 254
 
 
 class CacheServer:
@@ -44,11 +47,13 @@ class CacheServer:
         settings = self.settings
         # Opened here, in the serving process (after any fork), off the event loop: the
         # index scan of a large warm cache takes a while.
-        self.store = await asyncio.to_thread(
-            CacheStore, settings.service_dir("cache"), settings.cache_size_bytes
+        store = self.store = await asyncio.to_thread(
+            CacheStore, settings.service_dir("cache"), settings.cache_size_bytes, MAX_READERS
         )
-        location = flight_location(f"{settings.host}:{settings.cache_flight_port}")
-        self.flight = await asyncio.to_thread(CacheFlightServer, self.store, location)
+        location = flight_location(f"{settings.host}:{settings.cache_flight_port}", settings)
+        self.flight = await asyncio.to_thread(
+            lambda: CacheFlightServer(store, location, **flight_server_options(settings))
+        )
         self.servicer.store = self.store
         await self.grpc.set_serving(True)
         log.info("cache serving: %s", self.endpoints)

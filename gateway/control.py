@@ -18,11 +18,19 @@ import pyarrow as pa
 import pyarrow.flight as flight
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from onehop.channels import aio_channel, flight_location
-from onehop.errors import from_rpc_error
+from onehop.channels import aio_channel, flight_location, split_addresses
+from onehop.errors import Unavailable, from_rpc_error
 from onehop.keys import validate_name
 from onehop.settings import Settings
-from protos.onehop.v1 import data_pb2, gateway_pb2, gateway_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from protos.onehop.v1 import (
+    cache_pb2,
+    cache_pb2_grpc,
+    data_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    trainer_pb2,
+    trainer_pb2_grpc,
+)
 
 # Deadlines for calls to the trainer: reads answer from memory, StartJob only queues.
 READ_TIMEOUT_SECONDS = 10.0
@@ -45,14 +53,20 @@ class ServiceHealth:
 
 
 class GatewayControl:
-    """Start, watch and list training jobs; list models and datasets; probe the cluster."""
+    """Start, watch, cancel and list training jobs; list and promote models; list datasets;
+    the cache's counters; probe the cluster."""
 
     def __init__(
-        self, settings: Settings, trainer_channel: grpc.aio.Channel, data_client: DataClient
+        self,
+        settings: Settings,
+        trainer_channel: grpc.aio.Channel,
+        data_client: DataClient,
+        cache_channel: grpc.aio.Channel | None = None,
     ):
         self.settings = settings
         self._trainer = trainer_pb2_grpc.TrainerStub(trainer_channel)
         self._data = data_client
+        self._cache = cache_pb2_grpc.CacheStub(cache_channel) if cache_channel else None
 
     # --- jobs ---------------------------------------------------------------------------
 
@@ -66,6 +80,12 @@ class GatewayControl:
     async def get_job(self, job_id: str) -> trainer_pb2.JobStatus:
         request = trainer_pb2.GetJobRequest(job_id=job_id)
         return await _call(self._trainer.GetJob, request, READ_TIMEOUT_SECONDS)
+
+    async def cancel_job(self, job_id: str) -> trainer_pb2.JobStatus:
+        """Ask the trainer to stop a job; answers its status (terminal jobs stay as they are)."""
+        request = trainer_pb2.CancelJobRequest(job_id=job_id)
+        response = await _call(self._trainer.CancelJob, request, READ_TIMEOUT_SECONDS)
+        return response.status
 
     async def list_jobs(self) -> list[trainer_pb2.JobStatus]:
         request = trainer_pb2.ListJobsRequest()
@@ -97,6 +117,18 @@ class GatewayControl:
         request = trainer_pb2.GetModelRequest(name=name, version=version)
         return await _call(self._trainer.GetModel, request, READ_TIMEOUT_SECONDS)
 
+    async def promote_model(self, name: str, version: int, pin: bool) -> trainer_pb2.ModelInfo:
+        """Make `version` the serving one; the gateway's digest-keyed cache needs no flush."""
+        validate_name("model", name)
+        request = trainer_pb2.PromoteModelRequest(name=name, version=version, pin=pin)
+        return await _call(self._trainer.PromoteModel, request, START_TIMEOUT_SECONDS)
+
+    async def cache_stats(self) -> cache_pb2.GetStatsResponse:
+        if self._cache is None:
+            raise Unavailable("no cache is configured (ONEHOP_CACHE_ADDRESS)")
+        request = cache_pb2.GetStatsRequest()
+        return await _call(self._cache.GetStats, request, HEALTH_TIMEOUT_SECONDS)
+
     async def list_datasets(self) -> list[data_pb2.DatasetInfo]:
         # DataClient is a synchronous Flight client: keep it off the event loop.
         return list(await asyncio.to_thread(self._data.list_datasets))
@@ -111,7 +143,9 @@ class GatewayControl:
             if s.shard_health_address
             else ("shard", s.shard_address, "flight")
         )
-        listed = [("cache", s.cache_address, "grpc"), shard, ("trainer", s.trainer_address, "grpc")]
+        trainers = [("trainer", address, "grpc") for address in split_addresses(s.trainer_address)]
+        caches = [("cache", address, "grpc") for address in split_addresses(s.cache_address)]
+        listed = [*caches, shard, *trainers]
         return [entry for entry in listed if entry[1]]
 
     async def cluster_status(self) -> list[ServiceHealth]:
@@ -187,6 +221,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def GetJob(self, request, context):
         return await self._control.get_job(request.job_id)
+
+    async def CancelJob(self, request, context):
+        return trainer_pb2.CancelJobResponse(status=await self._control.cancel_job(request.job_id))
+
+    async def PromoteModel(self, request, context):
+        return await self._control.promote_model(request.name, request.version, request.pin)
+
+    async def GetCacheStats(self, request, context):
+        return await self._control.cache_stats()
 
     async def ListJobs(self, request, context):
         return trainer_pb2.ListJobsResponse(jobs=await self._control.list_jobs())

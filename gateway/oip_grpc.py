@@ -5,16 +5,20 @@ Domain errors propagate; the server's ErrorInterceptor maps them to status codes
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
 import onehop
 from gateway import tensors
+from gateway.memo import MAX_REQUEST_BYTES, Answer
 from gateway.router import InferenceRouter
 from onehop.errors import DeadlineExceeded
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc
 
 SERVER_NAME = "onehop"
+_PREBUILT_HIT = (("onehop-cache", "hit"), ("onehop-hops", "0"))
 EXTENSIONS = ("binary_tensor_data",)
 
 
@@ -55,8 +59,24 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
+        started = time.perf_counter()
+        weights = self.router.resolved(request.model_name, request.model_version)
+        key = None
+        if weights is not None:
+            data = request.SerializeToString()
+            if len(data) <= MAX_REQUEST_BYTES:
+                key = ("grpc", weights, data)
+                answer = self.router.answers.get(key)
+                if answer is not None:
+                    self.router.count_prebuilt_hit(answer.rows, time.perf_counter() - started)
+                    context.set_trailing_metadata(_PREBUILT_HIT)
+                    return answer.body  # type: ignore[no-any-return]
+
+        self.router.admission.check()
         parsed = tensors.grpc_to_request(request)
-        remaining = context.time_remaining()
+        # The tighter of the call's gRPC deadline and the request's own `timeout` parameter.
+        limits = [t for t in (context.time_remaining(), parsed.timeout) if t is not None]
+        remaining = min(limits) if limits else None
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the request's deadline passed before it could be served")
         result = await self.router.infer(parsed.model, parsed.version, parsed.rows, remaining)
@@ -64,4 +84,16 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         context.set_trailing_metadata(
             (("onehop-cache", result.cache), ("onehop-hops", str(result.hops)))
         )
+        if (
+            key is not None
+            and result.cache == "hit"
+            and weights
+            == (
+                result.model_version,
+                result.digest,
+            )
+        ):
+            # Kept and sent again as is: nobody may change it after this.
+            size = len(key[2]) + response.ByteSize()
+            self.router.answers.put(key, Answer(response, len(parsed.rows), size))
         return response

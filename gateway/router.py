@@ -5,11 +5,16 @@ Per request: resolve the model's serving version and weights digest (cached for
 one batch — from the local LMDB replica's memory map (0 hops) or the cache service (1 hop) —
 send only the missing rows to the trainer in one call (1 hop), merge in order, and write the
 new rows back to the cache after the response, off the critical path and droppable.
+
+Every request is admitted (bounded concurrency and queue) and runs under one deadline that
+every downstream call inherits; a cache that is down or slower than `cache_timeout_seconds`
+is bypassed; trainer replicas are called round robin with failover (onehop.channels.Replicas).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -22,13 +27,25 @@ import grpc
 import numpy as np
 from prometheus_client import Counter, Histogram
 
+from cache_service.client import CacheClient, HintSender
+from cache_service.store import CacheReader
 from gateway import tensors
+from gateway.admission import Admission
+from gateway.memo import ResponseMemo
 from gateway.tensors import ModelMetadata
-from onehop.errors import Internal, InvalidArgument, NotFound, from_rpc_error
+from onehop.channels import Replicas, aio_channel
+from onehop.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OnehopError,
+    from_rpc_error,
+)
 from onehop.keys import prediction_keys, validate_name
 from onehop.settings import Settings
 from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
-from protos.onehop.v1 import cache_pb2, cache_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from protos.onehop.v1 import trainer_pb2, trainer_pb2_grpc
 
 __all__ = ["InferResult", "InferenceRouter", "ModelMetadata"]
 
@@ -36,12 +53,16 @@ log = logging.getLogger(__name__)
 
 # The response parameter in which the trainer names the weights that computed the rows.
 DIGEST_PARAMETER = "onehop-weights-digest"
-# Deadlines for calls that carry no client deadline of their own.
+# Deadline of metadata calls (and the most a resolve may take of a request's deadline).
 _CONTROL_TIMEOUT_S = 10.0
-_INFER_TIMEOUT_S = 60.0
 _WRITEBACK_TIMEOUT_S = 5.0
+# A write-back waits this long for others to share its round.
+_WRITEBACK_LINGER_S = 0.05
 # How long close() lets pending write-backs finish before cancelling them.
 _CLOSE_WAIT_S = 1.0
+# Lookups of up to this many keys read the memory map on the event loop: a few microseconds
+# of page-cache reads, against ~100 µs of handing a small batch to a thread and back.
+_INLINE_READ_KEYS = 256
 # A local replica that failed to open is retried no more often than this.
 _READER_RETRY_S = 5.0
 
@@ -61,6 +82,26 @@ LATENCY = Histogram(
     ["outcome"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+HOPS = Histogram(
+    "onehop_gateway_infer_hops",
+    "Network calls on the critical path of an inference request, by cache outcome.",
+    ["outcome"],
+    buckets=(0, 1, 2, 3, 4),
+)
+_ROWS_HIT, _ROWS_MISS = ROWS.labels("hit"), ROWS.labels("miss")
+
+
+@functools.cache
+def _outcome_metrics(outcome: str) -> tuple[Any, Any, Any]:
+    """(requests, latency, hops) children for one outcome, bound once: `labels()` costs
+    more than the hit path can spare."""
+    return REQUESTS.labels(outcome), LATENCY.labels(outcome), HOPS.labels(outcome)
+
+
+MODEL_CALLS = Counter(
+    "onehop_gateway_model_calls",
+    "Inference calls from the gateway to the trainer (coalesced misses count once).",
+)
 WRITEBACKS = Counter(
     "onehop_gateway_writebacks",
     "Prediction write-backs to the cache by result (written, failed, dropped, skipped).",
@@ -74,6 +115,7 @@ class InferResult:
     model_version: str
     cache: str  # "hit" | "partial" | "miss" | "bypass"
     hops: int  # network calls on the critical path
+    digest: str = ""  # the weights digest the rows were keyed under
 
 
 @dataclass(frozen=True)
@@ -103,16 +145,34 @@ class _SingleFlight:
 
     def __init__(self) -> None:
         self._calls: dict[Hashable, asyncio.Future[Any]] = {}
+        self._lingers: dict[Hashable, asyncio.Future[Any]] = {}
 
-    async def do(self, key: Hashable, call: Callable[[], Awaitable[_T]]) -> _T:
+    def linger(self, key: Hashable, until: asyncio.Future[Any]) -> None:
+        """Called from within `key`'s call: its answer keeps being shared after it finishes,
+        until `until` is done (the write-back that makes the answer findable elsewhere)."""
+        self._lingers[key] = until
+
+    async def do(self, key: Hashable, call: Callable[[], Awaitable[_T]], deadline: float) -> _T:
+        """The shared call's result; each caller waits no longer than its own `deadline`
+        (time.monotonic()), whatever the call's own deadline."""
         future = self._calls.get(key)
         if future is None:
             future = asyncio.ensure_future(call())
             self._calls[key] = future
             future.add_done_callback(lambda done: self._forget(key, done))
-        return await asyncio.shield(future)
+        try:
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                return await asyncio.shield(future)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                "the request's deadline passed while it waited for a shared call"
+            ) from None
 
     def _forget(self, key: Hashable, done: asyncio.Future[Any]) -> None:
+        until = self._lingers.pop(key, None)
+        if until is not None and not until.done():
+            until.add_done_callback(lambda _: self._forget(key, done))
+            return
         if self._calls.get(key) is done:
             del self._calls[key]
         if not done.cancelled():
@@ -122,17 +182,37 @@ class _SingleFlight:
 class InferenceRouter:
     """Routes inference between the prediction cache and the trainer; no gRPC in its API.
 
-    The channels belong to the caller; `close()` settles pending write-backs and closes the
-    local replica reader.
+    The trainer replicas and the cache client belong to the caller; `close()` settles
+    pending write-backs and closes what the router opened itself (its write client, the
+    local replica reader and its hint sender).
     """
 
     def __init__(
-        self, settings: Settings, trainer: grpc.aio.Channel, cache: grpc.aio.Channel | None
+        self,
+        settings: Settings,
+        trainer: Replicas | grpc.aio.Channel,
+        cache: CacheClient | None,
     ):
         self.settings = settings
-        self._trainer = trainer_pb2_grpc.TrainerStub(trainer)
-        self._inference = grpc_service_pb2_grpc.GRPCInferenceServiceStub(trainer)
-        self._cache = cache_pb2_grpc.CacheStub(cache) if cache is not None else None
+        self._trainers = (
+            trainer
+            if isinstance(trainer, Replicas)
+            else Replicas([trainer], settings.trainer_attempt_timeout_seconds)
+        )
+        # Prebuilt answers of repeated identical requests, for the edges (gateway/memo.py).
+        self.answers = ResponseMemo(settings.response_memo_bytes)
+        self.admission = Admission(
+            settings.max_concurrent_requests,
+            settings.max_queued_requests,
+            settings.queue_timeout_seconds,
+        )
+        self._cache = cache
+        # Write-backs get a longer deadline than lookups: they are off the critical path.
+        self._writes = (
+            CacheClient(cache.nodes, settings, timeout=_WRITEBACK_TIMEOUT_S) if cache else None
+        )
+        self._hints: HintSender | None = None
+        self._hint_channel: grpc.aio.Channel | None = None
         self._cache_path = Path(settings.cache_path) if settings.cache_path else None
         self._reader: Any = None
         self._reader_retry_at = 0.0
@@ -143,7 +223,10 @@ class InferenceRouter:
             tuple[str, str], tuple[str, int, tuple[tuple[str, int], ...] | None]
         ] = {}
         self._flights = _SingleFlight()
-        self._pending: set[asyncio.Task[None]] = set()
+        # Write-backs wait here and leave together, one put per cache node per round.
+        self._queued: list[tuple[list[bytes], list[bytes], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._writing = 0  # write-backs in the round being sent
         self.writebacks_dropped = 0
 
     # --- the predict path ---------------------------------------------------------------
@@ -153,24 +236,32 @@ class InferenceRouter:
     ) -> InferResult:
         """Predictions for `rows` ([n, n_features]) from `model` at `version` ("" = serving).
 
-        `timeout` bounds the trainer call (the client's remaining deadline)."""
+        `timeout` is the client's remaining deadline (None = `request_timeout_seconds`): the
+        request never waits past it, and every downstream call gets what is left of it."""
         started = time.perf_counter()
         outcome = "error"
+        budget = self.settings.request_timeout_seconds if timeout is None else timeout
+        # Every await below is bounded by what is left of this: downstream calls get it as
+        # their gRPC deadline, waits on shared calls and on admission end at it.
+        deadline = time.monotonic() + budget
         try:
-            result = await self._infer(model, version, rows, timeout)
+            async with self.admission.slot(budget):
+                result = await self._infer(model, version, rows, deadline)
             outcome = result.cache
+            _outcome_metrics(outcome)[2].observe(result.hops)
             return result
         finally:
-            REQUESTS.labels(outcome).inc()
-            LATENCY.labels(outcome).observe(time.perf_counter() - started)
+            requests, latency, _ = _outcome_metrics(outcome)
+            requests.inc()
+            latency.observe(time.perf_counter() - started)
 
     async def _infer(
-        self, model: str, version: str, rows: np.ndarray, timeout: float | None
+        self, model: str, version: str, rows: np.ndarray, deadline: float
     ) -> InferResult:
         validate_name("model", model)
         requested = _parse_version(version)
         rows = _validate_rows(rows)
-        resolved, hops = await self._resolve(model, requested)
+        resolved, hops = await self._resolve(model, requested, deadline)
         if resolved.n_features and rows.shape[1] != resolved.n_features:
             raise InvalidArgument(
                 f"model {model!r} version {resolved.version} takes {resolved.n_features} "
@@ -180,14 +271,17 @@ class InferenceRouter:
 
         values: list[bytes | None] | None = None
         if resolved.layout is not None:
-            values, lookup_hops = await self._lookup(keys)
+            values, lookup_hops = await self._lookup(keys, deadline)
             hops += lookup_hops
         hit = np.zeros(len(keys), dtype=bool)
         if values is not None:
-            hit[:] = [v is not None and len(v) == resolved.row_bytes for v in values]
+            size = resolved.row_bytes
+            hit[:] = [v is not None and len(v) == size for v in values]
         n_hits = int(hit.sum())
-        ROWS.labels("hit").inc(n_hits)
-        ROWS.labels("miss").inc(len(keys) - n_hits)
+        if n_hits:
+            _ROWS_HIT.inc(n_hits)
+        if n_hits < len(keys):
+            _ROWS_MISS.inc(len(keys) - n_hits)
 
         outputs: dict[str, np.ndarray] = {}
         if n_hits:
@@ -202,7 +296,9 @@ class InferenceRouter:
             first, inverse = _dedupe([keys[i] for i in missing])
             unique = missing[first]
             unique_keys = [keys[i] for i in unique]
-            computed, digest = await self._compute(resolved, rows[unique], unique_keys, timeout)
+            computed, digest = await self._compute(
+                resolved, rows[unique], unique_keys, deadline, write_back=values is not None
+            )
             hops += 1
             if not n_hits:
                 outputs = {name: array[inverse] for name, array in computed.items()}
@@ -213,8 +309,6 @@ class InferenceRouter:
                 raise Internal.wrap(
                     RuntimeError(f"model {model!r} outputs differ from its metadata")
                 )
-            if values is not None:
-                self._schedule_writeback(resolved, digest, rows[unique], unique_keys, computed)
 
         if values is None:
             cache = "bypass"
@@ -224,9 +318,34 @@ class InferenceRouter:
             cache = "partial"
         else:
             cache = "miss"
-        return InferResult(outputs=outputs, model_version=resolved.version, cache=cache, hops=hops)
+        return InferResult(
+            outputs=outputs,
+            model_version=resolved.version,
+            cache=cache,
+            hops=hops,
+            digest=resolved.digest,
+        )
 
-    async def _resolve(self, model: str, version: int) -> tuple[_Model, int]:
+    def resolved(self, model: str, version: str) -> tuple[str, str] | None:
+        """(version, weights digest) that `model` at `version` resolves to now, if known
+        without asking the trainer (None otherwise, or for a version it would refuse)."""
+        try:
+            cached = self._models.get((model, _parse_version(version)))
+        except InvalidArgument:
+            return None
+        if cached is None or time.monotonic() - cached[0] >= self.settings.model_info_ttl_seconds:
+            return None
+        return cached[1].version, cached[1].digest
+
+    def count_prebuilt_hit(self, rows: int, seconds: float) -> None:
+        """Metrics for a request an edge answered from the response memo: a 0-hop hit."""
+        requests, latency, hops = _outcome_metrics("hit")
+        requests.inc()
+        latency.observe(seconds)
+        hops.observe(0)
+        _ROWS_HIT.inc(rows)
+
+    async def _resolve(self, model: str, version: int, deadline: float) -> tuple[_Model, int]:
         """The model's resolved version, digest and shapes, and the hops spent learning them."""
         cached = self._models.get((model, version))
         if (
@@ -235,22 +354,21 @@ class InferenceRouter:
         ):
             return cached[1], 0
         return await self._flights.do(
-            ("resolve", model, version), lambda: self._fetch(model, version)
+            ("resolve", model, version), lambda: self._fetch(model, version, deadline), deadline
         )
 
-    async def _fetch(self, model: str, version: int) -> tuple[_Model, int]:
-        try:
-            info = await self._trainer.GetModel(
-                trainer_pb2.GetModelRequest(name=model, version=version),
-                timeout=_CONTROL_TIMEOUT_S,
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+    async def _fetch(self, model: str, version: int, deadline: float) -> tuple[_Model, int]:
+        info = await self._call(
+            trainer_pb2_grpc.TrainerStub,
+            "GetModel",
+            trainer_pb2.GetModelRequest(name=model, version=version),
+            _remaining(deadline, _CONTROL_TIMEOUT_S),
+        )
         hops = 1
         resolved_version = str(info.version)
         shape = self._shapes.get((model, info.weights_digest))
         if shape is None:
-            metadata = await self.model_metadata(model, resolved_version)
+            metadata = await self.model_metadata(model, resolved_version, deadline)
             hops += 1
             shape = _shape_of(metadata, len(info.features))
             self._shapes[(model, info.weights_digest)] = shape
@@ -269,40 +387,57 @@ class InferenceRouter:
         self._models[(model, info.version)] = (now, resolved)
         return resolved, hops
 
-    async def _lookup(self, keys: list[bytes]) -> tuple[list[bytes | None] | None, int]:
+    async def _lookup(
+        self, keys: list[bytes], deadline: float
+    ) -> tuple[list[bytes | None] | None, int]:
         """Every key in one batch: (values or None per key, hops). None for the whole list
         means the cache could not be asked (down, slow, absent): a bypass, not an error."""
+        timeout = _remaining(deadline, self.settings.cache_timeout_seconds)
         reader = await self._local_reader()
         if reader is not None:
             try:
-                values = await asyncio.wait_for(
-                    asyncio.to_thread(reader.get_many, keys), self.settings.cache_timeout_seconds
-                )
-                if len(values) == len(keys):
-                    return list(values), 0
-                log.warning("local cache answered %d of %d keys; bypassing", len(values), len(keys))
-                return None, 0
+                if len(keys) <= _INLINE_READ_KEYS:
+                    values = reader.get_many(keys)
+                else:
+                    values = await asyncio.wait_for(
+                        asyncio.to_thread(reader.get_many, keys), timeout
+                    )
             # A failing local replica is a miss, never a failed request.
             except Exception:
                 log.warning("local cache read failed; bypassing the cache", exc_info=True)
                 return None, 0
+            if len(values) != len(keys):
+                log.warning("local cache answered %d of %d keys; bypassing", len(values), len(keys))
+                return None, 0
+            values = list(values)
+            missing = [i for i, value in enumerate(values) if value is None]
+            if not missing or self._cache is None or len(self._cache.nodes) < 2:
+                return values, 0
+            # Several nodes: the local replica holds only its share; ask for the rest.
+            remote = await self._remote_lookup([keys[i] for i in missing], timeout)
+            for i, value in zip(missing, remote or [None] * len(missing), strict=True):
+                values[i] = value
+            return values, 1
         if self._cache is None:
             return None, 0
+        return await self._remote_lookup(keys, timeout), 1
+
+    async def _remote_lookup(self, keys: list[bytes], timeout: float) -> list[bytes | None] | None:
+        """The cache nodes' values for `keys`; None when every node holding them is down or
+        slow (the cache client turns a down node's keys into misses and skips it a while)."""
+        assert self._cache is not None
+        lookup = self._cache.get_many(keys)
         try:
-            reply = await self._cache.BatchGet(
-                cache_pb2.BatchGetRequest(keys=keys), timeout=self.settings.cache_timeout_seconds
-            )
-        except grpc.RpcError as exc:
-            log.debug("cache lookup failed (%s); bypassing the cache", exc.code())
-            return None, 1
-        if len(reply.found) != len(keys) or len(reply.values) != len(keys):
-            log.warning(
-                "cache answered %d of %d keys; bypassing the cache", len(reply.found), len(keys)
-            )
-            return None, 1
-        return [
-            value if found else None for found, value in zip(reply.found, reply.values, strict=True)
-        ], 1
+            if timeout < self._cache.timeout:
+                values = await asyncio.wait_for(lookup, timeout)
+            else:
+                values = await lookup
+        except (OnehopError, TimeoutError) as exc:
+            log.debug("cache lookup failed (%s); bypassing the cache", exc)
+            return None
+        if all(self._cache.is_down(node) for node in {self._cache.node_for(k) for k in keys}):
+            return None
+        return values
 
     async def _local_reader(self) -> Any:
         """The LMDB replica on this host, opened read-only once its data file exists."""
@@ -313,10 +448,13 @@ class InferenceRouter:
         async with self._reader_lock:
             if self._reader is None and (self._cache_path / "data.mdb").exists():
                 try:
-                    from cache_service.store import CacheReader
-
                     self._reader = await asyncio.to_thread(CacheReader, self._cache_path)
                     log.info("reading prediction hits from the local replica %s", self._cache_path)
+                    if self._cache is not None:
+                        # Hits read here reach the cache's eviction and stats as hints.
+                        self._hint_channel = aio_channel(self._cache.nodes[0], self.settings)
+                        self._hints = HintSender(self._reader, self._hint_channel)
+                        self._hints.start()
                 except Exception:
                     log.warning(
                         "cannot open the local cache replica %s", self._cache_path, exc_info=True
@@ -327,28 +465,46 @@ class InferenceRouter:
         return self._reader
 
     async def _compute(
-        self, model: _Model, rows: np.ndarray, keys: list[bytes], timeout: float | None
+        self,
+        model: _Model,
+        rows: np.ndarray,
+        keys: list[bytes],
+        deadline: float,
+        write_back: bool,
     ) -> tuple[dict[str, np.ndarray], str | None]:
-        """One trainer call for the missing rows, shared by concurrent identical requests:
-        (outputs, the weights digest the trainer says computed them)."""
-        flight = hashlib.sha256(b"\n".join(keys)).digest()
-        return await self._flights.do(
-            ("infer", model.name, model.version, flight),
-            lambda: self._call_model(model, rows, timeout),
-        )
+        """One trainer call for the missing rows, shared by concurrent identical requests
+        (under the first one's deadline): (outputs, the weights digest that computed them).
+        The write-back is scheduled once, by the shared call."""
+        flight = ("infer", model.name, model.version, hashlib.sha256(b"\n".join(keys)).digest())
+
+        async def compute() -> tuple[dict[str, np.ndarray], str | None]:
+            computed, digest = await self._call_model(model, rows, deadline)
+            if write_back:
+                task = self._schedule_writeback(model, digest, rows, keys, computed)
+                if task is not None:
+                    # A request whose lookup missed these rows just before the write-back
+                    # lands still shares this answer instead of calling the model again.
+                    self._flights.linger(flight, task)
+            return computed, digest
+
+        return await self._flights.do(flight, compute, deadline)
 
     async def _call_model(
-        self, model: _Model, rows: np.ndarray, timeout: float | None
+        self, model: _Model, rows: np.ndarray, deadline: float
     ) -> tuple[dict[str, np.ndarray], str | None]:
         request = tensors.grpc_infer_request(model.name, model.version, rows, model.input_name)
+        MODEL_CALLS.inc()
         try:
-            response = await self._inference.ModelInfer(
-                request, timeout=timeout or _INFER_TIMEOUT_S
+            response = await self._call(
+                grpc_service_pb2_grpc.GRPCInferenceServiceStub,
+                "ModelInfer",
+                request,
+                _remaining(deadline),
             )
-        except grpc.RpcError as exc:
+        except NotFound:
             # The resolved version may be gone (deleted, re-registered): resolve afresh next time.
             self._models = {k: v for k, v in self._models.items() if k[0] != model.name}
-            raise from_rpc_error(exc) from None
+            raise
         try:
             outputs = tensors.grpc_outputs(response, len(rows))
         except InvalidArgument as exc:
@@ -365,69 +521,94 @@ class InferenceRouter:
         rows: np.ndarray,
         keys: list[bytes],
         outputs: dict[str, np.ndarray],
-    ) -> None:
-        if self._cache is None or model.layout is None:
-            return
+    ) -> asyncio.Future[None] | None:
+        if self._writes is None or model.layout is None:
+            return None
         if digest is None:
             WRITEBACKS.labels("skipped").inc()
             log.warning("trainer named no weights digest for %s; not caching its rows", model.name)
-            return
+            return None
         if _layout_of(outputs) != model.layout:
             WRITEBACKS.labels("skipped").inc()
-            return
+            return None
         if digest != model.digest:
             # The trainer served other weights than we resolved: key by what computed the rows.
             keys = prediction_keys(model.name, digest, rows)
             self._models = {k: v for k, v in self._models.items() if k[0] != model.name}
-        if len(self._pending) >= self.settings.max_pending_writebacks:
+        if len(self._queued) + self._writing >= self.settings.max_pending_writebacks:
             self.writebacks_dropped += 1
             WRITEBACKS.labels("dropped").inc()
-            return
-        values = _encode(outputs, model.layout)
-        task = asyncio.create_task(self._write_back(keys, values))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+            return None
+        written = asyncio.get_running_loop().create_future()
+        self._queued.append((keys, _encode(outputs, model.layout), written))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_queued(), name="write-back")
+        return written
 
-    async def _write_back(self, keys: list[bytes], values: list[bytes]) -> None:
-        assert self._cache is not None
-        request = cache_pb2.BatchPutRequest(
-            entries=[cache_pb2.Entry(key=k, value=v) for k, v in zip(keys, values, strict=True)]
-        )
-        try:
-            await self._cache.BatchPut(request, timeout=_WRITEBACK_TIMEOUT_S)
-            WRITEBACKS.labels("written").inc()
-        except grpc.RpcError as exc:
-            WRITEBACKS.labels("failed").inc()
-            log.debug("prediction write-back failed: %s", exc.code())
+    async def _write_queued(self) -> None:
+        """Send the queued write-backs in rounds, all that gathered during the last round
+        (and a short linger before it) in one put per node: one LMDB commit for many
+        requests' rows, and fewer writes competing with the requests that follow."""
+        assert self._writes is not None
+        while self._queued:
+            await asyncio.sleep(_WRITEBACK_LINGER_S)
+            batch, self._queued = self._queued, []
+            self._writing = len(batch)
+            items = [item for keys, values, _ in batch for item in zip(keys, values, strict=True)]
+            try:
+                await self._writes.put_many(items)
+                WRITEBACKS.labels("written").inc(len(batch))
+            except OnehopError as exc:
+                WRITEBACKS.labels("failed").inc(len(batch))
+                log.debug("prediction write-back failed: %s", exc.message)
+            finally:
+                self._writing = 0
+                for _, _, written in batch:
+                    if not written.done():
+                        written.set_result(None)
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait for the pending write-backs; True when none is left."""
-        if self._pending:
-            await asyncio.wait(set(self._pending), timeout=timeout)
-        return not self._pending
+        writer = self._writer
+        if writer is not None and not writer.done():
+            await asyncio.wait({writer}, timeout=timeout)
+        return not self._queued and not self._writing
 
     async def close(self) -> None:
         await self.drain(_CLOSE_WAIT_S)
-        pending = list(self._pending)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        if self._hints is not None:
+            await self._hints.close()
+        if self._hint_channel is not None:
+            await self._hint_channel.close()
+        if self._writes is not None:
+            await self._writes.close()
         if self._reader is not None:
             reader, self._reader = self._reader, None
             await asyncio.to_thread(reader.close)
 
     # --- metadata and readiness, forwarded to the trainer --------------------------------
 
-    async def model_metadata(self, model: str, version: str) -> ModelMetadata:
-        validate_name("model", model)
-        _parse_version(version)
+    async def _call(self, stub_type: type, method: str, request: Any, timeout: float) -> Any:
+        """One idempotent call to a trainer replica (failover included), through the table."""
         try:
-            response = await self._inference.ModelMetadata(
-                grpc_service_pb2.ModelMetadataRequest(name=model, version=version),
-                timeout=_CONTROL_TIMEOUT_S,
-            )
+            return await self._trainers.call(stub_type, method, request, timeout)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+
+    async def model_metadata(
+        self, model: str, version: str, deadline: float | None = None
+    ) -> ModelMetadata:
+        validate_name("model", model)
+        _parse_version(version)
+        response = await self._call(
+            grpc_service_pb2_grpc.GRPCInferenceServiceStub,
+            "ModelMetadata",
+            grpc_service_pb2.ModelMetadataRequest(name=model, version=version),
+            _remaining(deadline, _CONTROL_TIMEOUT_S),
+        )
         return tensors.metadata_from_grpc(response)
 
     async def model_ready(self, model: str, version: str) -> bool:
@@ -435,29 +616,49 @@ class InferenceRouter:
         validate_name("model", model)
         _parse_version(version)
         try:
-            response = await self._inference.ModelReady(
+            response = await self._call(
+                grpc_service_pb2_grpc.GRPCInferenceServiceStub,
+                "ModelReady",
                 grpc_service_pb2.ModelReadyRequest(name=model, version=version),
-                timeout=_CONTROL_TIMEOUT_S,
+                _CONTROL_TIMEOUT_S,
             )
-        except grpc.RpcError as exc:
-            error = from_rpc_error(exc)
-            if isinstance(error, NotFound | InvalidArgument):
-                raise error from None
+        except (NotFound, InvalidArgument):
+            raise
+        except OnehopError:
             return False
-        return response.ready
+        return bool(response.ready)
 
     async def server_ready(self) -> bool:
-        """Ready when the trainer that computes the misses is."""
+        """Ready when a trainer that computes the misses is."""
         try:
-            response = await self._inference.ServerReady(
-                grpc_service_pb2.ServerReadyRequest(), timeout=_CONTROL_TIMEOUT_S
+            response = await self._call(
+                grpc_service_pb2_grpc.GRPCInferenceServiceStub,
+                "ServerReady",
+                grpc_service_pb2.ServerReadyRequest(),
+                _CONTROL_TIMEOUT_S,
             )
-        except grpc.RpcError:
+        except OnehopError:
             return False
-        return response.ready
+        return bool(response.ready)
 
 
 # --- helpers ----------------------------------------------------------------------------
+
+
+def _remaining(deadline: float | None, cap: float | None = None) -> float:
+    """Seconds left until `deadline` (monotonic), at most `cap`; DeadlineExceeded when none."""
+    if deadline is None:
+        assert cap is not None
+        return cap
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded("the request's deadline passed before it was answered")
+    return left if cap is None else min(left, cap)
+
+
+def _loop_time(deadline: float) -> float:
+    """A time.monotonic() deadline on the running loop's clock (asyncio.timeout_at)."""
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
 
 
 def _parse_version(version: str) -> int:

@@ -11,14 +11,15 @@ from collections.abc import Iterator
 import grpc
 import uvicorn
 
+from cache_service.client import CacheClient
 from gateway.control import GatewayControl, GatewayServicer
 from gateway.flight import GatewayFlightServer
 from gateway.http import create_app
 from gateway.oip_grpc import InferenceServicer
 from gateway.router import InferenceRouter
-from onehop.channels import aio_channel
+from onehop.channels import Replicas, aio_channel, split_addresses
 from onehop.dataplane import DataClient
-from onehop.server import GrpcServer, Running
+from onehop.server import GrpcServer, Running, uvicorn_tls_options
 from onehop.settings import Settings
 from protos.inference import grpc_service_pb2_grpc
 from protos.onehop.v1 import gateway_pb2_grpc
@@ -51,8 +52,10 @@ class _Gateway:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.trainer: grpc.aio.Channel | None = None
-        self.cache: grpc.aio.Channel | None = None
+        self.trainer: Replicas | None = None
+        self.cache: CacheClient | None = None
+        # The first cache node, for the control plane's stats.
+        self.cache_channel: grpc.aio.Channel | None = None
         self.data: DataClient | None = None
         self.router: InferenceRouter | None = None
         self.grpc: GrpcServer | None = None
@@ -64,11 +67,16 @@ class _Gateway:
         s = self.settings
         if not s.trainer_address:
             raise ValueError("the gateway needs the trainer: set ONEHOP_TRAINER_ADDRESS")
-        self.trainer = aio_channel(s.trainer_address, s)
-        self.cache = aio_channel(s.cache_address, s) if s.cache_address else None
+        self.trainer = Replicas.connect(s.trainer_address, s, s.trainer_attempt_timeout_seconds)
+        nodes = split_addresses(s.cache_address)
+        if nodes:
+            # Several nodes: keys placed by rendezvous hashing, the same for HTTP and gRPC.
+            self.cache = CacheClient(nodes, s)
+            self.cache_channel = aio_channel(nodes[0], s)
         self.data = await asyncio.to_thread(DataClient, s)
         self.router = InferenceRouter(s, self.trainer, self.cache)
-        control = GatewayControl(s, self.trainer, self.data)
+        # Jobs are state on one trainer: the control plane talks to the first replica.
+        control = GatewayControl(s, self.trainer.primary, self.data, self.cache_channel)
 
         self.grpc = GrpcServer(s, s.gateway_grpc_port)
         self.grpc.add(
@@ -93,6 +101,7 @@ class _Gateway:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=max(1, round(s.grace_seconds)),
+            **uvicorn_tls_options(s),
         )
         self.http = _HttpServer(config)
         self.http_task = asyncio.create_task(_serve_http(self.http), name="gateway-http")
@@ -122,10 +131,13 @@ class _Gateway:
         router, self.router = self.router, None
         if router is not None:
             await router.close()
-        for channel in (self.trainer, self.cache):
-            if channel is not None:
-                await channel.close()
-        self.trainer = self.cache = None
+        if self.trainer is not None:
+            await self.trainer.close()
+        if self.cache is not None:
+            await self.cache.close()
+        if self.cache_channel is not None:
+            await self.cache_channel.close()
+        self.trainer = self.cache = self.cache_channel = None
         data, self.data = self.data, None
         if data is not None:
             await asyncio.to_thread(data.close)

@@ -8,12 +8,12 @@ FP32 outputs of shape [batch, k] (DESIGN §8).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from onehop.errors import InvalidArgument
 from protos.inference import grpc_service_pb2 as pb
@@ -45,6 +45,8 @@ class InferRequest:
     raw: bool = False
     # HTTP: request-level `parameters.binary_data_output`.
     binary_output: bool = False
+    # The request's own `parameters.timeout` (microseconds in OIP), in seconds; None = none.
+    timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,15 @@ def select_outputs(
     return chosen
 
 
+def _timeout_seconds(value: Any) -> float | None:
+    """`parameters.timeout` (microseconds, as tritonclient sends it) → seconds; 0 = none."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidArgument("parameters.timeout must be a non-negative integer (microseconds)")
+    return value / 1e6 if value else None
+
+
 def _f32_bytes(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array, dtype=_F32).tobytes()
 
@@ -175,6 +186,9 @@ def grpc_to_request(request: pb.ModelInferRequest) -> InferRequest:
         if request.outputs
         else None
     )
+    timeout = None
+    if "timeout" in request.parameters:
+        timeout = _timeout_seconds(grpc_parameters(request.parameters)["timeout"])
     return InferRequest(
         model=request.model_name,
         version=request.model_version,
@@ -182,6 +196,7 @@ def grpc_to_request(request: pb.ModelInferRequest) -> InferRequest:
         id=request.id,
         outputs=outputs,
         raw=raw,
+        timeout=timeout,
     )
 
 
@@ -302,10 +317,8 @@ def _header_length(value: str | None, body_length: int) -> int | None:
 
 def _json_object(data: bytes) -> dict[str, Any]:
     try:
-        document = json.loads(data)
-    except UnicodeDecodeError:
-        raise InvalidArgument("the request's JSON header is not UTF-8") from None
-    except json.JSONDecodeError as exc:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
         raise InvalidArgument(
             f"the request's JSON header is malformed: {exc.msg} at byte {exc.pos}"
         ) from None
@@ -346,6 +359,7 @@ def http_to_request(
         raise InvalidArgument("'id' must be a string")
     parameters = _dict_field(document, "parameters", "request")
     binary_output = bool(_bool_field(parameters, "binary_data_output", "parameters"))
+    timeout = _timeout_seconds(parameters.get("timeout"))
 
     inputs = document.get("inputs")
     if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
@@ -412,6 +426,7 @@ def http_to_request(
         id=request_id,
         outputs=outputs,
         binary_output=binary_output,
+        timeout=timeout,
     )
 
 
@@ -429,13 +444,14 @@ def http_response(
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = array.reshape(-1).tolist()
+            # orjson writes the float32 array directly, without a Python list in between.
+            entry["data"] = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
         entries.append(entry)
     document: dict[str, Any] = {"model_name": request.model, "model_version": model_version}
     if request.id:
         document["id"] = request.id
     document["outputs"] = entries
-    header = json.dumps(document, separators=(",", ":")).encode()
+    header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return header, {"content-type": "application/json"}
     return b"".join([header, *blobs]), {

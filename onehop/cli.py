@@ -49,7 +49,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from onehop.launcher import status
 
-    rows = status(_settings(args).data_dir)
+    settings = _settings(args)
+    rows = status(settings.data_dir, settings)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -60,10 +61,35 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from onehop.client import GatewayClient, read_batches
+    """A local file streams through the gateway (DoPut); a URI (s3://, gs://, file://) is
+    read by the shard service itself, under its source rules."""
+    import pyarrow.flight as flight
 
-    with GatewayClient(_settings(args)) as client:
-        info = client.ingest(read_batches(Path(args.path)), args.name, args.shards, args.key or "")
+    from onehop.channels import flight_location
+    from onehop.client import gateway_endpoints
+    from onehop.dataplane import put_file, run_action
+    from protos.onehop.v1 import data_pb2
+
+    request = data_pb2.IngestRequest(
+        dataset=args.name,
+        shards=args.shards,
+        key=args.key or "",
+        partitioning=data_pb2.Partitioning.Value(
+            "PARTITION_" + (args.partition or "default").upper().replace("-", "_")
+        ),
+        bounds=[float(b) for b in args.bounds.split(",")] if args.bounds else [],
+        target=args.target or "",
+        positive_class=args.positive_class or "",
+        source=args.path if "://" in args.path else "",
+        format=args.format or "",
+    )
+    address = flight_location(gateway_endpoints(_settings(args))["flight"])
+    with flight.connect(address) as client:
+        if request.source:
+            body = run_action(client, "ingest", request.SerializeToString())
+            info = data_pb2.DatasetInfo.FromString(body)
+        else:
+            info = put_file(client, Path(args.path), request)
     print(
         f"ingested {info.name} version {info.version}: {info.rows} rows in {len(info.shards)} shards"
     )
@@ -106,6 +132,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         val_split=args.val_split,
         seed=args.seed,
+        task=args.task,
+        activation=args.activation,
+        optimizer=args.optimizer,
+        lr_schedule=args.lr_schedule,
+        early_stopping=args.early_stopping,
+        checkpoint_every=args.checkpoint_every,
     )
     with GatewayClient(_settings(args)) as client:
         job_id = client.start_job(request)
@@ -158,6 +190,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_settings(args), rows=args.rows, epochs=args.epochs)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from onehop.bench import command
+
+    return command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onehop", description=__doc__)
     parser.add_argument("--version", action="version", version=f"onehop {__version__}")
@@ -182,7 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shards", type=int, default=0, help="number of shards (default: the service's)"
     )
-    p.add_argument("--key", help="place rows by hash of this column")
+    p.add_argument("--key", help="place rows by hash (or range) of this column")
+    p.add_argument("--partition", choices=["round-robin", "hash", "range"])
+    p.add_argument("--bounds", help="range bounds, comma-separated (default: quantiles)")
+    p.add_argument("--target", help="a two-class string target becomes 0/1")
+    p.add_argument("--positive-class", help="the target's class stored as 1")
+    p.add_argument("--format", choices=["csv", "parquet", "arrow"])
     p.set_defaults(func=cmd_ingest)
 
     sub.add_parser("datasets", parents=[common], help="list datasets").set_defaults(
@@ -201,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--val-split", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", default="", help="binary (default), multiclass or regression")
+    p.add_argument("--activation", default="", help="relu (default), gelu, silu, tanh, ...")
+    p.add_argument("--optimizer", default="", help="adam (default), adamw, sgd or lamb")
+    p.add_argument("--lr-schedule", default="", help="constant (default), cosine or linear")
+    p.add_argument("--early-stopping", type=int, default=0, help="patience in epochs; 0 = off")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps; 0 = per epoch")
     p.add_argument("--detach", action="store_true", help="print the job id and return")
     p.set_defaults(func=cmd_train)
 
@@ -215,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=120_000)
     p.add_argument("--epochs", type=int, default=3)
     p.set_defaults(func=cmd_demo)
+
+    from onehop.bench import add_arguments
+
+    p = sub.add_parser("bench", help="the measured report: figures next to their baselines")
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import pyarrow.csv as pacsv
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
-from onehop.channels import flight_location, sync_channel
+from onehop.channels import auth_metadata, flight_location, sync_channel, tls_enabled
 from onehop.dataplane import put_dataset
 from onehop.errors import (
     InvalidArgument,
@@ -84,7 +85,7 @@ class GatewayClient:
         self._channel = sync_channel(self.endpoints["grpc"], settings)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._flight = flight.connect(flight_location(self.endpoints["flight"]))
-        self._http = httpx.Client(base_url=f"http://{self.endpoints['http']}", timeout=timeout)
+        self._http = _http_client(self.endpoints["http"], settings, timeout)
 
     def close(self) -> None:
         self._channel.close()
@@ -173,6 +174,20 @@ class GatewayClient:
             hops=int(response.headers.get("onehop-hops", "-1")),
             seconds=response.elapsed.total_seconds(),
         )
+
+
+def _http_client(address: str, settings: Settings, timeout: float) -> httpx.Client:
+    """The HTTP bridge as the settings reach it: HTTPS with the CA (and this process's
+    certificate under mTLS) when TLS is on, the bearer token when one is set."""
+    headers = dict(auth_metadata(settings))
+    if not tls_enabled(settings):
+        return httpx.Client(base_url=f"http://{address}", timeout=timeout, headers=headers)
+    context = ssl.create_default_context(cafile=settings.tls_ca_file or None)
+    if settings.tls_cert_file and settings.tls_key_file:
+        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    return httpx.Client(
+        base_url=f"https://{address}", timeout=timeout, headers=headers, verify=context
+    )
 
 
 def _http_error(response: httpx.Response) -> OnehopError:

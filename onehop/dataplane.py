@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -17,9 +18,12 @@ import pyarrow.flight as flight
 from google.protobuf.message import DecodeError, Message
 
 from onehop.channels import flight_location, sync_channel
+from onehop.dataset import file_format, first_line, open_batches
 from onehop.errors import (
     InvalidArgument,
+    NotFound,
     OnehopError,
+    PayloadTooLarge,
     Unavailable,
     from_flight_error,
 )
@@ -34,6 +38,16 @@ log = logging.getLogger(__name__)
 INGEST_ABORT = b"onehop:abort-ingest"
 
 M = TypeVar("M", bound=Message)
+# Record batches of a table sent by `put_dataset`.
+PUT_BATCH_BYTES = 4 << 20
+
+# The shard service's Flight actions, which the gateway passes on unchanged.
+ACTIONS = {
+    "describe": "body = DataRequest bytes (dataset, version; 0 = newest) -> DatasetInfo bytes",
+    "list-datasets": "no body -> ListDatasetsResponse bytes (newest version of each dataset)",
+    "ingest": "body = IngestRequest bytes naming a source (a path under the shard service's "
+    "source root, or an allowed URI) -> DatasetInfo bytes",
+}
 
 
 def epoch_permutation(rows: int, seed: int, epoch: int, salt: int = 0) -> np.ndarray:
@@ -107,20 +121,47 @@ def ingest_request(descriptor: flight.FlightDescriptor) -> data_pb2.IngestReques
     return request
 
 
-def put_batches(reader: flight.MetadataRecordBatchReader) -> Iterator[pa.RecordBatch]:
+def put_schema(reader: flight.MetadataRecordBatchReader) -> pa.Schema:
+    """DoPut's schema: the stream's first message, which a client may have garbled."""
+    try:
+        return reader.schema
+    except (pa.ArrowException, OSError) as exc:
+        raise InvalidArgument(f"malformed Arrow IPC schema in DoPut: {first_line(exc)}") from None
+
+
+def put_batches(
+    reader: flight.MetadataRecordBatchReader, max_batch_bytes: int = 0
+) -> Iterator[pa.RecordBatch]:
     """DoPut's batches, one at a time (never materialised). A client whose own source failed
     mid-stream sends INGEST_ABORT (a plain end of stream would look complete): fail, so
-    nothing is published; a broken stream is the client's mistake."""
+    nothing is published; a broken stream is the client's mistake. A batch over
+    `max_batch_bytes` (0 = no limit) is refused: one batch is held whole in memory."""
+    number = 0
     while True:
         try:
             chunk = reader.read_chunk()
         except StopIteration:
             return
-        except pa.ArrowInvalid as exc:
-            raise InvalidArgument("malformed Arrow IPC stream in DoPut") from exc
+        except (pa.ArrowException, OSError) as exc:
+            # Arrow reports a malformed or misordered IPC message as OSError.
+            raise InvalidArgument(
+                f"malformed Arrow IPC stream in DoPut: {first_line(exc)}"
+            ) from None
         if chunk.app_metadata is not None and chunk.app_metadata.to_pybytes() == INGEST_ABORT:
             raise InvalidArgument("the client abandoned the ingest; nothing was published")
         if chunk.data is not None:
+            number += 1
+            if max_batch_bytes and chunk.data.nbytes > max_batch_bytes:
+                raise PayloadTooLarge(
+                    f"batch {number} is {chunk.data.nbytes} bytes, over the limit of "
+                    f"{max_batch_bytes}: send smaller record batches"
+                )
+            try:
+                # Full validation (offsets, UTF-8, dictionary indices): a corrupt batch is
+                # refused here rather than crashing a reader of the shard later.
+                chunk.data.validate(full=True)
+            except pa.ArrowInvalid as exc:
+                raise InvalidArgument(f"corrupt record batch in DoPut: {first_line(exc)}") from None
             yield chunk.data
 
 
@@ -210,21 +251,16 @@ class DataClient:
 
     # --- control -----------------------------------------------------------------------------
 
-    def _action(self, kind: str, body: bytes = b"") -> bytes:
-        try:
-            results = list(self._shard.do_action(flight.Action(kind, body)))
-        except (flight.FlightError, pa.ArrowException) as exc:
-            raise from_flight_error(exc) from None
-        if not results:
-            raise Unavailable(f"the shard service sent no result for {kind!r}")
-        return results[0].body.to_pybytes()
+    def action(self, kind: str, body: bytes = b"") -> bytes:
+        """One shard service action's result (see ACTIONS)."""
+        return run_action(self._shard, kind, body)
 
     def describe(self, dataset: str, version: int = 0) -> data_pb2.DatasetInfo:
         body = data_pb2.DataRequest(dataset=dataset, version=version).SerializeToString()
-        return data_pb2.DatasetInfo.FromString(self._action("describe", body))
+        return data_pb2.DatasetInfo.FromString(self.action("describe", body))
 
     def list_datasets(self) -> list[data_pb2.DatasetInfo]:
-        response = data_pb2.ListDatasetsResponse.FromString(self._action("list-datasets"))
+        response = data_pb2.ListDatasetsResponse.FromString(self.action("list-datasets"))
         return list(response.datasets)
 
     # --- plan and read -----------------------------------------------------------------------
@@ -286,12 +322,36 @@ class DataClient:
         assert error is not None
         raise error
 
-    def read_ticket(self, ticket: bytes) -> pa.Table:
-        """One ShardTicket's rows: from the cache when configured, else the shard service."""
-        locations = [self.cache_location] if self.cache_location is not None else []
-        return self.read(flight.FlightEndpoint(ticket, [*locations, self._shard_location()]))
+    def open(self, endpoint: flight.FlightEndpoint) -> flight.FlightStreamReader:
+        """A stream of the endpoint's rows from the first location that starts one (its
+        schema arrived): the same fallback as `read`, without holding the rows."""
+        locations = list(endpoint.locations) or [self._shard_location()]
+        error: OnehopError | None = None
+        for location in locations:
+            try:
+                stream = self._client(location).do_get(endpoint.ticket)
+                stream.schema  # noqa: B018 - waits for the first message: errors surface here
+                return stream
+            except (flight.FlightError, pa.ArrowException) as exc:
+                error = from_flight_error(exc)
+                log.debug("read at %s failed: %s", location, error.message)
+        assert error is not None
+        raise error
+
+    def endpoint_for(self, ticket: bytes) -> flight.FlightEndpoint:
+        """Where a bare ticket is redeemed: the cache when it holds the shard, then the
+        shard service (one Contains, as a plan would do)."""
+        shard = self._shard_location()
+        cached = self.cache_location is not None and self._cached([ticket])[0]
+        return flight.FlightEndpoint(ticket, [self.cache_location, shard] if cached else [shard])
 
     # --- ingest ------------------------------------------------------------------------------
+
+    def ingest_file(
+        self, path: Path, request: data_pb2.IngestRequest, name: str = ""
+    ) -> data_pb2.DatasetInfo:
+        """A local file streamed to the shard service as a new version (see `put_file`)."""
+        return put_file(self._shard, path, request, name)
 
     def ingest(
         self,
@@ -300,9 +360,10 @@ class DataClient:
         schema: pa.Schema | None = None,
         shards: int = 0,
         key: str = "",
+        options: data_pb2.IngestRequest | None = None,
     ) -> data_pb2.DatasetInfo:
         """Stream `batches` to the shard service as a new version of `name` (Flight DoPut)."""
-        return put_dataset(self._shard, name, batches, schema, shards, key)
+        return put_dataset(self._shard, name, batches, schema, shards, key, options)
 
 
 def put_dataset(
@@ -312,20 +373,30 @@ def put_dataset(
     schema: pa.Schema | None = None,
     shards: int = 0,
     key: str = "",
+    options: data_pb2.IngestRequest | None = None,
 ) -> data_pb2.DatasetInfo:
     """Ingest by Flight DoPut at a shard service or a gateway: the new version's DatasetInfo.
 
+    `options` carries the other IngestRequest fields (partitioning, bounds, target...);
+    `name`, and `shards` and `key` when given, take precedence over its own.
     When the source fails mid-stream the server is told (INGEST_ABORT) so it publishes
     nothing, and the source's own error is raised.
     """
     if isinstance(batches, pa.Table):
         schema = schema or batches.schema
-        batches = batches.to_batches()
+        # Messages of a few MiB: under any server's batch limit, and streamed, not one blob.
+        row_bytes = max(1, batches.nbytes // max(1, batches.num_rows))
+        batches = batches.to_batches(max_chunksize=max(1, PUT_BATCH_BYTES // row_bytes))
     elif isinstance(batches, pa.RecordBatchReader):
         schema = schema or batches.schema
     if schema is None:
         raise InvalidArgument("ingest needs the input's schema")
-    command = data_pb2.IngestRequest(dataset=name, shards=shards, key=key)
+    command = data_pb2.IngestRequest()
+    if options is not None:
+        command.CopyFrom(options)
+    command.dataset = name
+    command.shards = shards or command.shards
+    command.key = key or command.key
     descriptor = flight.FlightDescriptor.for_command(command.SerializeToString())
     source = iter(batches)
     source_failed = False
@@ -355,6 +426,34 @@ def put_dataset(
     if metadata is None:
         raise Unavailable("the server sent no result for the ingest")
     return data_pb2.DatasetInfo.FromString(metadata.to_pybytes())
+
+
+def run_action(client: flight.FlightClient, kind: str, body: bytes = b"") -> bytes:
+    """The result of one of ACTIONS at a shard service or a gateway."""
+    try:
+        results = list(client.do_action(flight.Action(kind, body)))
+    except (flight.FlightError, pa.ArrowException) as exc:
+        raise from_flight_error(exc) from None
+    if not results:
+        raise Unavailable(f"the server sent no result for {kind!r}")
+    return results[0].body.to_pybytes()
+
+
+def put_file(
+    client: flight.FlightClient, path: Path, request: data_pb2.IngestRequest, name: str = ""
+) -> data_pb2.DatasetInfo:
+    """A CSV, Parquet or Arrow IPC file (format: `request.format`, else the extension of
+    `name or path`) streamed by DoPut as a new version of `request.dataset`; errors in the
+    file are InvalidArgument naming `name or path` and the row or column."""
+    shown = name or path.name
+    format = file_format(shown, request.format)
+    try:
+        source = pa.OSFile(str(path))
+    except FileNotFoundError:
+        raise NotFound(f"no such file: {path}") from None
+    with source:
+        reader = open_batches(source, format, shown)
+        return put_dataset(client, request.dataset, reader, options=request)
 
 
 def _abandon(writer: flight.FlightStreamWriter) -> None:

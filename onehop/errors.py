@@ -136,41 +136,97 @@ def to_onehop_error(exc: BaseException) -> OnehopError:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Applies the error table to every handler of a grpc.aio server."""
+    """Applies the error table to every handler of a grpc.aio server. Must be the last
+    interceptor: it keeps each method's wrapped handler, so later calls skip the lookup."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            wrapped = self._wrap(await continuation(handler_call_details))
+            if wrapped is not None:
+                self._wrapped[method] = wrapped
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
         if handler is None:
             return handler
+        deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream),
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:  # a request stream in, one answer out: awaited like unary
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
 
+def retry_after(error: OnehopError) -> str | None:
+    """Seconds a client should wait before retrying (the Retry-After header or trailing
+    metadata): set for a dependency that is down and for overload, not for a body too large."""
+    if isinstance(error, Unavailable) or type(error) is ResourceExhausted:
+        return str(RETRY_AFTER_SECONDS)
+    return None
+
+
+class _Malformed:
+    """Stands for request bytes that did not parse: grpc would answer INTERNAL for a
+    deserializer that raises, but bad bytes are the client's mistake (INVALID_ARGUMENT)."""
+
+
+_MALFORMED = _Malformed()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # DecodeError, or whatever a generated parser raises on garbage
+            return _MALFORMED
+
+    return deserialize
+
+
+def _check_parsed(request: Any) -> None:
+    if request is _MALFORMED:
+        raise InvalidArgument("the request is not a valid protobuf message for this method")
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     error = to_onehop_error(exc)
-    if error.code == grpc.StatusCode.UNAVAILABLE:
-        context.set_trailing_metadata((("retry-after", str(RETRY_AFTER_SECONDS)),))
+    seconds = retry_after(error)
+    if seconds is not None:
+        context.set_trailing_metadata((("retry-after", seconds),))
     await context.abort(error.code, error.message)
 
 
 def _wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            _check_parsed(request)
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -183,6 +239,7 @@ def _wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
+            _check_parsed(request)
             async for item in behavior(request, context):
                 yield item
         except grpc.aio.AbortError:

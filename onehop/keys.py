@@ -39,8 +39,10 @@ def prediction_keys(model: str, weights_digest: str, rows: np.ndarray) -> list[b
 def shard_key(ticket: data_pb2.ShardTicket) -> bytes:
     """Cache key of a prepared shard: what shapes its rows' values, not their order.
 
-    The cache holds the prepared shard in stored order; shuffle (seed, epoch) and offset are
-    applied when it is served, so every epoch of a job hits the same entry.
+    The digest covers the preprocessing spec (scaling, clipping, imputation, encoding,
+    passthrough), the projection and the row filter, so two preparations never share an
+    entry. The cache holds the prepared shard in stored order; shuffle (seed, epoch) and
+    offset are applied when it is served, so every epoch of a job hits the same entry.
     """
     spec = data_pb2.ShardTicket()
     spec.CopyFrom(ticket)

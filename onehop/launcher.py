@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from onehop.channels import sync_channel
 from onehop.server import run_file
 from onehop.settings import Settings
 
@@ -66,9 +67,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def health_status(address: str, timeout: float = 1.0) -> str:
-    """SERVING, NOT_SERVING, UNKNOWN or UNREACHABLE."""
-    with grpc.insecure_channel(address) as channel:
+def health_status(address: str, timeout: float = 1.0, settings: Settings | None = None) -> str:
+    """SERVING, NOT_SERVING, UNKNOWN or UNREACHABLE. `settings` with TLS files make the
+    probe speak TLS (mTLS with a certificate); probes need no token."""
+    channel = sync_channel(address, settings) if settings else grpc.insecure_channel(address)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
@@ -92,8 +95,14 @@ class Mesh:
         settings: Settings,
         start_timeout: float = 90.0,
         say: Callable[[str], None] = print,
+        services: tuple[ServiceSpec, ...] = SERVICES,
+        env: dict[str, str] | None = None,
     ):
+        """`services`: a subset of SERVICES (without "cache", the mesh runs uncached);
+        `env`: extra ONEHOP_* variables for every child (e.g. a benchmark's knobs)."""
         self.settings = settings
+        self.services = services
+        self.extra_env = env or {}
         self.data_dir = settings.data_dir
         self.start_timeout = start_timeout
         self.say = say
@@ -111,7 +120,7 @@ class Mesh:
             )
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
         try:
-            for spec in SERVICES:
+            for spec in self.services:
                 self._start_service(spec)
         except BaseException:
             self.stop()
@@ -148,6 +157,7 @@ class Mesh:
         trainer = self.children.get("trainer")
         if trainer:
             env["ONEHOP_TRAINER_ADDRESS"] = trainer.endpoints["grpc"]
+        env.update(self.extra_env)
         env.update(self._pinned)
         return env
 
@@ -175,6 +185,14 @@ class Mesh:
 
     def _wait_ready(self, child: _Child, log_path: Path) -> dict[str, str]:
         deadline = time.monotonic() + self.start_timeout
+        # Probe as the children listen: with the TLS files their environment names.
+        env = {**os.environ, **self.extra_env}
+        probe = self.settings.model_copy(
+            update={
+                name: env.get(f"ONEHOP_{name.upper()}", getattr(self.settings, name))
+                for name in ("tls_cert_file", "tls_key_file", "tls_ca_file")
+            }
+        )
         while time.monotonic() < deadline:
             if child.process.poll() is not None:
                 raise LaunchError(
@@ -183,7 +201,7 @@ class Mesh:
                 )
             info = read_run_file(self.data_dir, child.spec.name)
             if info and info.get("pid") == child.process.pid:
-                if health_status(info["endpoints"]["grpc"]) == "SERVING":
+                if health_status(info["endpoints"]["grpc"], settings=probe) == "SERVING":
                     return info["endpoints"]
             time.sleep(0.1)
         raise LaunchError(
@@ -228,8 +246,9 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-def status(data_dir: Path) -> list[dict]:
-    """What `onehop status` shows: each service's pid, endpoints and health."""
+def status(data_dir: Path, settings: Settings | None = None) -> list[dict]:
+    """What `onehop status` shows: each service's pid, endpoints and health (probed with
+    the TLS files of `settings` when they name any)."""
     rows: list[dict] = []
     for spec in SERVICES:
         info = read_run_file(data_dir, spec.name)
@@ -237,6 +256,6 @@ def status(data_dir: Path) -> list[dict]:
             rows.append({"name": spec.name, "pid": None, "endpoints": {}, "health": "STOPPED"})
             continue
         alive = pid_alive(int(info["pid"]))
-        health = health_status(info["endpoints"]["grpc"]) if alive else "STOPPED"
+        health = health_status(info["endpoints"]["grpc"], settings=settings) if alive else "STOPPED"
         rows.append({**info, "health": health})
     return rows

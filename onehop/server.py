@@ -1,24 +1,38 @@
 """The server factory: grpc.aio servers with health, reflection, the error interceptor,
-run-file announcement and SIGTERM drain — the same for every onehop process."""
+bearer-token auth, TLS / mTLS, run-file announcement and SIGTERM drain — the same for every
+onehop process. The HTTP and Flight fronts take their TLS and auth settings from here too."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 import signal
+import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pyarrow.flight as flight
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from onehop.errors import ErrorInterceptor
+from onehop.errors import ErrorInterceptor, Unauthenticated
 from onehop.settings import Settings
 from onehop.telemetry import setup_logging
+
+# Calls that need no token: probes must work without credentials.
+OPEN_METHODS = frozenset(
+    {
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/inference.GRPCInferenceService/ServerLive",
+        "/inference.GRPCInferenceService/ServerReady",
+    }
+)
 
 
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
@@ -34,6 +48,122 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
     ]
 
 
+def token_matches(settings: Settings, authorization: str | None) -> bool:
+    """Whether an `authorization` header or metadata value carries the configured bearer
+    token (always true when none is configured); constant-time."""
+    if not settings.auth_token:
+        return True
+    expected = f"Bearer {settings.auth_token}".encode()
+    return hmac.compare_digest((authorization or "").encode(), expected)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` on every call but the health probes."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        if handler_call_details.method in OPEN_METHODS:
+            return await continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if token_matches(self.settings, metadata.get("authorization")):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        return _refusing(handler)
+
+
+def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that answers UNAUTHENTICATED."""
+    error = Unauthenticated("missing or invalid bearer token (authorization: Bearer <token>)")
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(error.code, error.message)
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse, **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(refuse, **kwargs)
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS for a gRPC server when settings name a certificate and key; with
+    `tls_client_auth`, clients must present a certificate signed by `tls_ca_file`."""
+    if not (settings.tls_cert_file and settings.tls_key_file):
+        return None
+    if settings.tls_client_auth and not settings.tls_ca_file:
+        raise ValueError("tls_client_auth needs tls_ca_file to verify client certificates")
+    pair = (Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())
+    return grpc.ssl_server_credentials(
+        [pair],
+        root_certificates=(
+            Path(settings.tls_ca_file).read_bytes() if settings.tls_client_auth else None
+        ),
+        require_client_auth=settings.tls_client_auth,
+    )
+
+
+def uvicorn_tls_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn.Config keyword arguments for HTTPS (and client certificates under mTLS)."""
+    if not (settings.tls_cert_file and settings.tls_key_file):
+        return {}
+    options: dict[str, Any] = {
+        "ssl_certfile": settings.tls_cert_file,
+        "ssl_keyfile": settings.tls_key_file,
+    }
+    if settings.tls_client_auth:
+        options["ssl_ca_certs"] = settings.tls_ca_file
+        options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+    return options
+
+
+def flight_server_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for `pyarrow.flight.FlightServerBase.__init__`: TLS certificates,
+    client verification under mTLS, and the bearer-token middleware. The location must then
+    use `onehop.channels.flight_location(address, settings)` (grpc+tls)."""
+    options: dict[str, Any] = {}
+    if settings.tls_cert_file and settings.tls_key_file:
+        options["tls_certificates"] = [
+            flight.CertKeyPair(
+                cert=Path(settings.tls_cert_file).read_bytes(),
+                key=Path(settings.tls_key_file).read_bytes(),
+            )
+        ]
+        if settings.tls_client_auth:
+            options["verify_client"] = True
+            options["root_certificates"] = Path(settings.tls_ca_file).read_bytes()
+    if settings.auth_token:
+        options["middleware"] = {"auth": _FlightTokenFactory(settings)}
+    return options
+
+
+class _FlightTokenFactory(flight.ServerMiddlewareFactory):  # type: ignore[misc]
+    """Flight middleware: every call needs the bearer token in its `authorization` header."""
+
+    def __init__(self, settings: Settings):
+        super().__init__()
+        self.settings = settings
+
+    def start_call(self, info: Any, headers: dict[str, list[str]]) -> None:
+        values = headers.get("authorization") or headers.get("Authorization") or [""]
+        if not token_matches(self.settings, values[0]):
+            raise flight.FlightUnauthenticatedError("missing or invalid bearer token")
+        return None
+
+
 class GrpcServer:
     """One grpc.aio server: the services added to it plus grpc.health.v1.
 
@@ -44,14 +174,19 @@ class GrpcServer:
     def __init__(self, settings: Settings, port: int, interceptors: Sequence[Any] = ()):
         self.settings = settings
         self._requested_port = port
+        auth = [AuthInterceptor(settings)] if settings.auth_token else []
         self.server = grpc.aio.server(
             options=server_options(settings),
-            interceptors=[*interceptors, ErrorInterceptor()],
+            # Auth first: a refused call never reaches a handler.
+            interceptors=[*auth, *interceptors, ErrorInterceptor()],
         )
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
         self.port = 0
+        # Kubernetes' native gRPC probes speak plaintext only: with `health_port` set, the
+        # same health servicer also answers there, without TLS or token.
+        self._probe_server: grpc.aio.Server | None = None
 
     def add(self, register: Callable[[Any, Any], None], servicer: Any, full_name: str) -> None:
         register(servicer, self.server)
@@ -64,8 +199,20 @@ class GrpcServer:
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             ]
             reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self._requested_port}")
+        address = f"{self.settings.host}:{self._requested_port}"
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         await self.server.start()
+        if self.settings.health_port:
+            self._probe_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._probe_server)
+            self._probe_server.add_insecure_port(
+                f"{self.settings.host}:{self.settings.health_port}"
+            )
+            await self._probe_server.start()
         await self.set_serving(False)
         return self.port
 
@@ -85,6 +232,8 @@ class GrpcServer:
     async def stop(self) -> None:
         await self.set_serving(False)
         await self.server.stop(self.settings.grace_seconds)
+        if self._probe_server is not None:
+            await self._probe_server.stop(0)
 
 
 async def wait_for_shutdown() -> None:

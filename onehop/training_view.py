@@ -44,7 +44,14 @@ def job_request(
     lr: float = 1e-3,
     val_split: float = 0.2,
     seed: int = 0,
+    task: str = "",
+    activation: str = "",
+    optimizer: str = "",
+    lr_schedule: str = "",
+    early_stopping: int = 0,
+    checkpoint_every: int = 0,
 ) -> trainer_pb2.StartJobRequest:
+    """A StartJobRequest from CLI-style arguments ("" / 0 = the trainer's defaults)."""
     return trainer_pb2.StartJobRequest(
         dataset=dataset,
         target=target,
@@ -53,9 +60,19 @@ def job_request(
             hidden=parse_hidden(hidden),
             # The proto reads 0 as "the default"; a negative value means no dropout.
             dropout=dropout if dropout > 0 else -1.0,
+            task=task,
+            activation=activation,
         ),
         hyperparameters=trainer_pb2.Hyperparameters(
-            epochs=epochs, batch_size=batch_size, lr=lr, val_split=val_split, seed=seed
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            val_split=val_split,
+            seed=seed,
+            optimizer=optimizer,
+            lr_schedule=lr_schedule,
+            early_stopping_patience=early_stopping,
+            checkpoint_every_steps=checkpoint_every,
         ),
     )
 
@@ -94,7 +111,9 @@ def follow_job(client: GatewayClient, job_id: str) -> JobOutcome:
         f"job {job_id} {outcome.state_name}: {last.message or ''} "
         f"epochs={last.epoch} steps={last.step} {metrics} "
         f"samples/s={last.samples_per_second:,.0f} data_wait={last.data_wait_share:.1%} "
-        f"time={last.elapsed_seconds:.1f}s"
+        f"time={last.elapsed_seconds:.1f}s cpu={last.cpu_seconds:.1f}s "
+        + (f"gpu={last.gpu_seconds:.1f}s " if last.gpu_seconds else "")
+        + f"read={last.bytes_read / 1e6:.1f}MB"
         + (f" model={last.model_name} v{last.model_version}" if last.model_version else "")
     )
     return outcome

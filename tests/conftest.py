@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -58,3 +59,21 @@ async def start_inner_services(settings: Settings, started: list[Running]) -> Se
 def inner_services() -> Callable[[Settings, list[Running]], Awaitable[Settings]]:
     """`start_inner_services`, for module-scoped fixtures that build a mesh in-process."""
     return start_inner_services
+
+
+def bind_and_release(count: int) -> list[int]:
+    """Ports bound on 127.0.0.1 and released at once: free now, and nothing listens there."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.fixture(scope="session")
+def free_ports() -> Callable[[int], list[int]]:
+    """`free_ports(n)`: n ports to pin a server to, or to point a client at nothing."""
+    return bind_and_release

@@ -1,23 +1,35 @@
-"""Inference core: registry-backed model loading and prediction, no gRPC.
+"""Inference core: registry-backed model loading, prediction and dynamic batching; no gRPC.
 
-`Predictor.predict` is synchronous torch work; async callers run it with `asyncio.to_thread`.
-A request for version 0 follows the registry's serving pointer on every call, so a newly
-promoted version serves without a restart; if that version cannot be loaded, the last good
-serving version of the model keeps answering.
+`Predictor.predict` is synchronous torch work; async callers go through `Batcher`, which
+stacks concurrent requests for the same model into one forward pass (Triton's dynamic
+batcher: a maximum batch size, a maximum queue delay, a bounded queue) and splits the
+answers back. Version 0 follows the registry's serving pointer on every batch, so a newly
+promoted version serves without a restart: it is loaded and warmed by the first batch that
+sees it, the requests already queued wait for it and none is dropped. If that version
+cannot be loaded, the last good serving version keeps answering.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from onehop.errors import FailedPrecondition, InvalidArgument, OnehopError
+from onehop.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    OnehopError,
+    ResourceExhausted,
+    Unavailable,
+)
 from trainer_service.model import TabularModel, select_device
 from trainer_service.registry import ModelRecord, Registry
 
@@ -33,8 +45,18 @@ class LoadedModel:
     module: TabularModel
 
     @property
+    def identity(self) -> tuple[int, str]:
+        return self.record.version, self.record.weights_digest
+
+    @property
     def n_features(self) -> int:
         return len(self.record.features)
+
+    @property
+    def output(self) -> tuple[str, int]:
+        """The OIP output tensor: its name and width."""
+        spec = self.record.spec
+        return ("prediction" if spec.task == "regression" else "probability", spec.outputs)
 
 
 class Predictor:
@@ -92,6 +114,7 @@ class Predictor:
                 raise
             self._failed.pop(key, None)
             model = LoadedModel(record, module)
+            _warm(model, self.device)
             self._loaded[key] = model
             while len(self._loaded) > self._max_loaded:
                 self._loaded.popitem(last=False)
@@ -99,24 +122,217 @@ class Predictor:
             return model
 
     def predict(self, name: str, version: int, x: np.ndarray) -> tuple[np.ndarray, int, str]:
-        """Probabilities float32 [n, 1] for RAW features `x` float32 [n, n_features], with the
-        version that answered and its weights digest."""
+        """The model's answers float32 [n, k] for RAW features `x` float32 [n, n_features]
+        (probabilities, or values for regression), with the version that answered and its
+        weights digest."""
+        out, model = self.infer(name, version, x)
+        return out, *model.identity
+
+    def infer(self, name: str, version: int, x: np.ndarray) -> tuple[np.ndarray, LoadedModel]:
+        """`predict` that returns the loaded model that answered."""
         model = self.get(name, version)
-        n = model.n_features
-        if x.ndim != 2 or x.shape[1] != n:
-            raise InvalidArgument(f"expected [-1, {n}] got {list(x.shape)}")
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if not np.isfinite(x).all():
-            raise InvalidArgument("input contains NaN or infinite values; send raw feature values")
-        if x.shape[0] == 0:
-            probabilities = np.empty((0, 1), dtype=np.float32)
+        return self.forward(model, [check_input(model, x)])[0], model
+
+    def forward(self, model: LoadedModel, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """One forward pass over the inputs stacked, split back per input."""
+        sizes = [len(x) for x in inputs]
+        stacked = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
+        if len(stacked) == 0:
+            out = np.empty((0, model.output[1]), dtype=np.float32)
         else:
             with torch.inference_mode():
-                logits = model.module(torch.from_numpy(x).to(self.device))
-                probabilities = torch.sigmoid(logits.float()).cpu().numpy()
-        return probabilities, model.record.version, model.record.weights_digest
+                out = model.module.predict(torch.from_numpy(stacked).to(self.device)).cpu().numpy()
+        return np.split(out, np.cumsum(sizes)[:-1]) if len(inputs) > 1 else [out]
 
     def close(self) -> None:
         with self._lock:
             self._loaded.clear()
             self._last_serving.clear()
+
+
+def _warm(model: LoadedModel, device: torch.device) -> None:
+    """One forward pass before a version serves: the first request must not pay for lazy
+    initialisation (allocator, kernels)."""
+    with torch.inference_mode():
+        model.module.predict(torch.zeros((1, model.n_features), device=device))
+
+
+def check_input(model: LoadedModel, x: np.ndarray) -> np.ndarray:
+    """`x` as contiguous float32 [n, n_features] of finite values, or InvalidArgument."""
+    n = model.n_features
+    if x.ndim != 2 or x.shape[1] != n:
+        raise InvalidArgument(f"expected [-1, {n}] got {list(x.shape)}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise InvalidArgument("input contains NaN or infinite values; send raw feature values")
+    return x
+
+
+# --- dynamic batching ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """`max_batch_size` rows per forward pass (1 = batching off), `max_queue_delay` seconds
+    a batch waits for more requests once its first one arrived, `max_queue` requests
+    waiting per model before new ones are refused (RESOURCE_EXHAUSTED)."""
+
+    max_batch_size: int = 64
+    max_queue_delay: float = 0.002
+    max_queue: int = 1024
+
+
+@dataclass
+class _Request:
+    x: np.ndarray
+    arrived: float
+    deadline: float | None
+    future: asyncio.Future[tuple[np.ndarray, LoadedModel]]
+
+    @property
+    def rows(self) -> int:
+        return len(self.x)
+
+
+@dataclass
+class _Lane:
+    """The queue of one (model, requested version) and its batching task. `full` is set
+    once the queued rows fill a batch, so a batch waits on one timer, not one per request."""
+
+    pending: deque[_Request] = field(default_factory=deque)
+    rows: int = 0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    full: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    requests: int = 0
+    rows: int = 0
+    expired: int = 0
+    rejected: int = 0
+
+
+class Batcher:
+    """Stacks concurrent requests for one model into one forward pass (asyncio, one task per
+    model lane; the forward pass runs on a worker thread while the next batch gathers).
+
+    A request waiting past its deadline is dropped before it is computed
+    (DEADLINE_EXCEEDED); a full lane refuses new requests (RESOURCE_EXHAUSTED).
+    """
+
+    def __init__(self, predictor: Predictor, config: BatchingConfig | None = None):
+        self.predictor = predictor
+        self.config = config or BatchingConfig()
+        self.stats = BatchStats()
+        self._lanes: dict[tuple[str, int], _Lane] = {}
+
+    async def predict(
+        self, name: str, version: int, x: np.ndarray, timeout: float | None = None
+    ) -> tuple[np.ndarray, LoadedModel]:
+        """The answers for `x` and the model version that computed them; `timeout` seconds
+        left to the caller (None = no deadline)."""
+        if self.config.max_batch_size <= 1:
+            return await asyncio.to_thread(self.predictor.infer, name, version, x)
+        loop = asyncio.get_running_loop()
+        lane = self._lanes.get((name, version))
+        if lane is None:
+            lane = self._lanes[(name, version)] = _Lane()
+            lane.task = loop.create_task(self._serve(name, version, lane))
+        if len(lane.pending) >= self.config.max_queue:
+            self.stats.rejected += 1
+            raise ResourceExhausted(
+                f"model {name!r}: {len(lane.pending)} requests already queued; retry later"
+            )
+        now = loop.time()
+        request = _Request(x, now, None if timeout is None else now + timeout, loop.create_future())
+        lane.pending.append(request)
+        lane.rows += request.rows
+        lane.wake.set()
+        if lane.rows >= self.config.max_batch_size:
+            lane.full.set()
+        return await request.future
+
+    async def _serve(self, name: str, version: int, lane: _Lane) -> None:
+        loop = asyncio.get_running_loop()
+        limit = self.config.max_batch_size
+        while True:
+            while not lane.pending:
+                lane.wake.clear()
+                await lane.wake.wait()
+            # Wait for a full batch, at most max_queue_delay after the oldest request came.
+            left = lane.pending[0].arrived + self.config.max_queue_delay - loop.time()
+            if lane.rows < limit and left > 0:
+                lane.full.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lane.full.wait(), left)
+            batch: list[_Request] = []
+            rows = 0
+            while lane.pending and (not batch or rows + lane.pending[0].rows <= limit):
+                request = lane.pending.popleft()
+                lane.rows -= request.rows
+                batch.append(request)
+                rows += request.rows
+            now = loop.time()
+            live = []
+            for request in batch:
+                if request.future.done():  # the caller went away
+                    continue
+                if request.deadline is not None and request.deadline <= now:
+                    self.stats.expired += 1
+                    request.future.set_exception(
+                        DeadlineExceeded("the request expired in the batching queue")
+                    )
+                    continue
+                live.append(request)
+            if live:
+                await self._run(name, version, live)
+
+    async def _run(self, name: str, version: int, batch: list[_Request]) -> None:
+        try:
+            results = await asyncio.to_thread(self._compute, name, version, batch)
+        except Exception as exc:  # the model could not be resolved: every request fails
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+            return
+        self.stats.batches += 1
+        for request, result in zip(batch, results, strict=True):
+            if request.future.done():
+                continue
+            if isinstance(result, BaseException):
+                request.future.set_exception(result)
+            else:
+                self.stats.requests += 1
+                self.stats.rows += request.rows
+                request.future.set_result(result)
+
+    def _compute(
+        self, name: str, version: int, batch: list[_Request]
+    ) -> list[tuple[np.ndarray, LoadedModel] | OnehopError]:
+        """Worker thread: resolve the version once, check each input, one forward pass."""
+        model = self.predictor.get(name, version)
+        results: list[tuple[np.ndarray, LoadedModel] | OnehopError] = []
+        inputs, slots = [], []
+        for request in batch:
+            try:
+                inputs.append(check_input(model, request.x))
+                slots.append(len(results))
+                results.append(InvalidArgument("unreachable"))
+            except InvalidArgument as exc:
+                results.append(exc)
+        if inputs:
+            for slot, out in zip(slots, self.predictor.forward(model, inputs), strict=True):
+                results[slot] = (out, model)
+        return results
+
+    async def close(self) -> None:
+        for lane in self._lanes.values():
+            if lane.task is not None:
+                lane.task.cancel()
+            for request in lane.pending:
+                if not request.future.done():
+                    request.future.set_exception(Unavailable("the trainer is shutting down"))
+        self._lanes.clear()

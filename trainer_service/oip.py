@@ -1,7 +1,8 @@
 """inference.GRPCInferenceService (Open Inference Protocol v2) over the predictor.
 
 Tensors arrive typed (`contents.fp32_contents`) or as raw little-endian bytes
-(`raw_input_contents`, what tritonclient sends); the answer comes back the same way. Every
+(`raw_input_contents`, what tritonclient sends); the answer comes back the same way.
+ModelInfer goes through the dynamic batcher, with the caller's deadline. Every
 response names the version that answered and its weights digest
 (`parameters["onehop-weights-digest"]`), which the gateway puts in its cache keys.
 """
@@ -18,11 +19,10 @@ import onehop
 from onehop.errors import FailedPrecondition, InvalidArgument, NotFound
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc
-from trainer_service.inference import Predictor
+from trainer_service.inference import Batcher, Predictor
 
 SERVER_NAME = "onehop-trainer"
 INPUT = "input"
-OUTPUT = "probability"
 DIGEST_PARAMETER = "onehop-weights-digest"
 PLATFORM = "pytorch"
 
@@ -73,9 +73,10 @@ def decode_input(request: pb.ModelInferRequest) -> tuple[np.ndarray, bool]:
 
 
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, predictor: Predictor, ready: Callable[[], bool]):
-        self._predictor = predictor
-        self._registry = predictor.registry
+    def __init__(self, batcher: Batcher, ready: Callable[[], bool]):
+        self._batcher = batcher
+        self._predictor: Predictor = batcher.predictor
+        self._registry = self._predictor.registry
         self._ready = ready
 
     async def ServerLive(
@@ -110,35 +111,38 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def _metadata(self, name: str, version: int) -> pb.ModelMetadataResponse:
         record = self._registry.record(name, version)
+        output = "prediction" if record.spec.task == "regression" else "probability"
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=name,
             versions=[str(v) for v in self._registry.versions(name)],
             platform=PLATFORM,
             inputs=[tensor(name=INPUT, datatype="FP32", shape=[-1, len(record.features)])],
-            outputs=[tensor(name=OUTPUT, datatype="FP32", shape=[-1, 1])],
+            outputs=[tensor(name=output, datatype="FP32", shape=[-1, record.spec.outputs])],
         )
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         version = parse_version(request.model_version)
-        for requested in request.outputs:
-            if requested.name != OUTPUT:
-                raise InvalidArgument(
-                    f"unknown output {requested.name!r}; the model has {OUTPUT!r}"
-                )
         x, raw = decode_input(request)
-        probabilities, served, digest = await asyncio.to_thread(
-            self._predictor.predict, request.model_name, version, x
+        out, model = await self._batcher.predict(
+            request.model_name, version, x, context.time_remaining()
         )
+        output_name, width = model.output
+        for requested in request.outputs:
+            if requested.name != output_name:
+                raise InvalidArgument(
+                    f"unknown output {requested.name!r}; the model has {output_name!r}"
+                )
+        served, digest = model.identity
         response = pb.ModelInferResponse(
             model_name=request.model_name, model_version=str(served), id=request.id
         )
         response.parameters[DIGEST_PARAMETER].string_param = digest
-        output = response.outputs.add(name=OUTPUT, datatype="FP32", shape=[len(probabilities), 1])
+        output = response.outputs.add(name=output_name, datatype="FP32", shape=[len(out), width])
         if raw:
-            response.raw_output_contents.append(probabilities.astype("<f4").tobytes())
+            response.raw_output_contents.append(out.astype("<f4").tobytes())
         else:
-            output.contents.fp32_contents.extend(probabilities.reshape(-1).tolist())
+            output.contents.fp32_contents.extend(out.reshape(-1).tolist())
         return response

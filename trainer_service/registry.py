@@ -5,9 +5,13 @@ Layout under the registry root::
     {name}/{version}/model.safetensors   weights + preprocessing buffers (never pickle)
     {name}/{version}/model.json          spec, features, target, stats, metrics, digest
     {name}/CURRENT                       the serving (newest promoted) version
+    {name}/PINNED                        present while CURRENT is pinned: new versions
+                                         register without replacing it
 
 A version is written to a temporary directory, fsynced and renamed into place, so a reader
-sees either a whole version or none; CURRENT is replaced the same way.
+sees either a whole version or none; CURRENT is replaced the same way (write, fsync,
+rename). A process killed mid-write leaves only a `.tmp-*` directory, which nothing reads
+and the next Registry removes.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from onehop.errors import FailedPrecondition, InvalidArgument, NotFound
 from onehop.keys import validate_name
+from trainer_service.checkpoint import disk_errors, fsync_dir, write_atomic
 from trainer_service.model import ModelSpec, Preprocessing, TabularModel
 
 log = logging.getLogger(__name__)
@@ -36,6 +41,7 @@ log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
 META = "model.json"
 CURRENT = "CURRENT"
+PINNED = "PINNED"
 FORMAT = 1
 
 
@@ -51,6 +57,8 @@ class ModelRecord:
     means: tuple[float, ...]
     stds: tuple[float, ...]
     weights_digest: str
+    target_mean: float = 0.0
+    target_std: float = 1.0
     dataset: str = ""
     dataset_version: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
@@ -58,7 +66,9 @@ class ModelRecord:
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing(self.features, self.means, self.stds)
+        return Preprocessing(
+            self.features, self.means, self.stds, self.target_mean, self.target_std
+        )
 
     def to_json(self) -> dict:
         return {
@@ -70,6 +80,8 @@ class ModelRecord:
             "target": self.target,
             "means": list(self.means),
             "stds": list(self.stds),
+            "target_mean": self.target_mean,
+            "target_std": self.target_std,
             "metrics": self.metrics,
             "dataset": self.dataset,
             "dataset_version": self.dataset_version,
@@ -88,6 +100,8 @@ class ModelRecord:
             means=tuple(float(m) for m in data["means"]),
             stds=tuple(float(s) for s in data["stds"]),
             weights_digest=str(data["weights_digest"]),
+            target_mean=float(data.get("target_mean", 0.0)),
+            target_std=float(data.get("target_std", 1.0)),
             dataset=str(data.get("dataset", "")),
             dataset_version=int(data.get("dataset_version", 0)),
             metrics={str(k): float(v) for k, v in data.get("metrics", {}).items()},
@@ -103,21 +117,6 @@ def file_digest(path: Path) -> str:
     return sha.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with path.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 class Registry:
     """Registered models under one directory. Thread-safe; one writer process."""
 
@@ -125,6 +124,9 @@ class Registry:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        for leftover in self.root.glob("*/.tmp-*"):
+            log.warning("removing %s, left by an interrupted register", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
 
     # --- writing -------------------------------------------------------------------------
 
@@ -146,61 +148,68 @@ class Registry:
             model_dir.mkdir(parents=True, exist_ok=True)
             version = max(self._versions(name), default=0) + 1
             tmp = model_dir / f".tmp-{uuid.uuid4().hex}"
-            tmp.mkdir()
             try:
-                weights = tmp / WEIGHTS
-                save_file(model.weights(), str(weights), metadata={"format": str(FORMAT)})
-                with weights.open("rb+") as f:
-                    os.fsync(f.fileno())
-                pre = Preprocessing(model.features, *self._stats(model))
-                record = ModelRecord(
-                    name=name,
-                    version=version,
-                    spec=model.spec,
-                    features=pre.features,
-                    target=target,
-                    means=pre.means,
-                    stds=pre.stds,
-                    weights_digest=file_digest(weights),
-                    dataset=dataset,
-                    dataset_version=dataset_version,
-                    metrics=dict(metrics or {}),
-                    created=time.time(),
-                )
-                _write_synced(tmp / META, json.dumps(record.to_json(), indent=2).encode())
-                _fsync_dir(tmp)
-                tmp.rename(model_dir / str(version))
-                _fsync_dir(model_dir)
+                with disk_errors(f"model {name!r} version {version}"):
+                    tmp.mkdir()
+                    weights = tmp / WEIGHTS
+                    save_file(model.weights(), str(weights), metadata={"format": str(FORMAT)})
+                    with weights.open("rb+") as f:
+                        os.fsync(f.fileno())
+                    pre = model.preprocessing
+                    record = ModelRecord(
+                        name=name,
+                        version=version,
+                        spec=model.spec,
+                        features=pre.features,
+                        target=target,
+                        means=pre.means,
+                        stds=pre.stds,
+                        target_mean=pre.target_mean,
+                        target_std=pre.target_std,
+                        weights_digest=file_digest(weights),
+                        dataset=dataset,
+                        dataset_version=dataset_version,
+                        metrics=dict(metrics or {}),
+                        created=time.time(),
+                    )
+                    meta = json.dumps(record.to_json(), indent=2).encode()
+                    with (tmp / META).open("wb") as f:
+                        f.write(meta)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    fsync_dir(tmp)
+                    tmp.rename(model_dir / str(version))
+                    fsync_dir(model_dir)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            if promote:
+            if promote and not self.pinned(name):
                 self._write_current(name, version)
         log.info("registered model %s version %d (%s)", name, version, record.weights_digest)
         return record
 
-    @staticmethod
-    def _stats(model: TabularModel) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        return (
-            tuple(float(v) for v in model.mean.detach().cpu()),
-            tuple(float(v) for v in model.std.detach().cpu()),
-        )
-
-    def promote(self, name: str, version: int) -> ModelRecord:
+    def promote(self, name: str, version: int, pin: bool = False) -> ModelRecord:
         """Point CURRENT at `version` after checking that it loads; a corrupt version is
-        refused (FailedPrecondition) and the old one keeps serving."""
+        refused (FailedPrecondition) and the old one keeps serving. `pin` keeps it serving
+        when newer versions register; promoting without `pin` unpins."""
         record = self.record(name, version)
         self.load_weights(record)
         with self._lock:
-            self._write_current(name, version)
+            self._write_current(name, record.version)
+            pinned = self.root / name / PINNED
+            if pin:
+                write_atomic(pinned, lambda tmp: tmp.write_text(f"{record.version}\n"))
+            elif pinned.exists():
+                pinned.unlink()
+                fsync_dir(pinned.parent)
+        log.info("model %s version %d serving%s", name, record.version, " (pinned)" if pin else "")
         return record
 
+    def pinned(self, name: str) -> bool:
+        return (self.root / name / PINNED).exists()
+
     def _write_current(self, name: str, version: int) -> None:
-        model_dir = self.root / name
-        tmp = model_dir / f".{CURRENT}.{uuid.uuid4().hex}"
-        _write_synced(tmp, f"{version}\n".encode())
-        tmp.replace(model_dir / CURRENT)
-        _fsync_dir(model_dir)
+        write_atomic(self.root / name / CURRENT, lambda tmp: tmp.write_text(f"{version}\n"))
 
     # --- reading -------------------------------------------------------------------------
 

@@ -1,5 +1,10 @@
 """`start(settings)`: the trainer's gRPC server — onehop.v1.Trainer, OIP v2 inference and
-health on `settings.trainer_grpc_port` — SERVING once the registry is open."""
+health on `settings.trainer_grpc_port` — SERVING once the registry is open and every
+model's serving version is loaded and warmed.
+
+`settings.trainer_role` splits the roles: "serve" replicas answer inference (job RPCs say
+UNAVAILABLE), "train" replicas run jobs (no inference service), "all" does both.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +13,41 @@ import functools
 import logging
 
 from onehop.dataplane import DataClient
+from onehop.errors import OnehopError
 from onehop.server import GrpcServer, Running
 from onehop.settings import Settings
 from protos.inference import grpc_service_pb2_grpc
 from protos.onehop.v1 import trainer_pb2_grpc
-from trainer_service.inference import Predictor
+from trainer_service.inference import Batcher, BatchingConfig, Predictor
 from trainer_service.jobs import FlightData, JobManager
-from trainer_service.model import select_device
+from trainer_service.model import configure_threads, describe_device, select_device
 from trainer_service.oip import InferenceServicer
 from trainer_service.registry import Registry
 from trainer_service.servicer import TrainerServicer
 
 log = logging.getLogger(__name__)
+
+
+def preload(predictor: Predictor) -> None:
+    """Load and warm every model's serving version, so the first request finds it ready; a
+    model that does not load is logged and left to fail its own requests."""
+    for name in predictor.registry.names():
+        try:
+            predictor.get(name)
+        except OnehopError as exc:
+            log.warning("model %s not loaded at start: %s", name, exc.message)
+
+
+def recover(jobs: JobManager) -> None:
+    """Queue again the jobs a previous run left unfinished (logged, never raised: the
+    server runs on without them)."""
+    try:
+        resumed = jobs.recover()
+    except Exception:
+        log.exception("resuming unfinished jobs failed")
+        return
+    if resumed:
+        log.info("resuming %d unfinished job(s): %s", len(resumed), ", ".join(resumed))
 
 
 async def start(settings: Settings) -> Running:
@@ -28,10 +56,20 @@ async def start(settings: Settings) -> Running:
     Training reads data through `settings.shard_address` (and the cache's addresses when
     set), one DataClient per job.
     """
-    registry = await asyncio.to_thread(Registry, settings.service_dir("trainer") / "registry")
+    root = settings.service_dir("trainer")
+    registry = await asyncio.to_thread(Registry, root / "registry")
     device = select_device()
-    predictor = Predictor(registry, device)
-    jobs = JobManager(registry, FlightData(functools.partial(DataClient, settings)), device)
+    threads = configure_threads(settings.trainer_torch_threads)
+    role = settings.trainer_role
+    jobs = None
+    if role in ("all", "train"):
+        jobs = JobManager(
+            registry,
+            FlightData(functools.partial(DataClient, settings)),
+            device,
+            workers=settings.trainer_job_workers,
+            checkpoint_dir=root / "checkpoints",
+        )
     ready = False
 
     server = GrpcServer(settings, settings.trainer_grpc_port)
@@ -40,26 +78,57 @@ async def start(settings: Settings) -> Running:
         TrainerServicer(jobs, registry),
         "onehop.v1.Trainer",
     )
-    server.add(
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
-        InferenceServicer(predictor, lambda: ready),
-        "inference.GRPCInferenceService",
-    )
+    predictor = batcher = None
+    if role in ("all", "serve"):
+        predictor = Predictor(registry, device)
+        batcher = Batcher(
+            predictor,
+            BatchingConfig(
+                max_batch_size=settings.trainer_max_batch_size,
+                max_queue_delay=settings.trainer_max_queue_delay_ms / 1000.0,
+                max_queue=settings.trainer_max_queue,
+            ),
+        )
+        server.add(
+            grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+            InferenceServicer(batcher, lambda: ready),
+            "inference.GRPCInferenceService",
+        )
     try:
         await server.start()
+        if predictor is not None:
+            await asyncio.to_thread(preload, predictor)
     except BaseException:
-        await asyncio.to_thread(jobs.close)
+        await server.stop()
+        if jobs is not None:
+            await asyncio.to_thread(jobs.close)
         raise
     ready = True
     await server.set_serving(True)
-    log.info("trainer: grpc %s, device %s, registry %s", server.address, device, registry.root)
+    # Jobs a previous run left unfinished continue from their checkpoints; off the start
+    # path, since validating them asks the data plane.
+    recovering = asyncio.create_task(asyncio.to_thread(recover, jobs)) if jobs else None
+    log.info(
+        "trainer (role %s): grpc %s, device %s, %d torch threads, registry %s",
+        role,
+        server.address,
+        describe_device(device),
+        threads,
+        registry.root,
+    )
 
     async def stop() -> None:
         nonlocal ready
         ready = False
         await server.stop()
+        if recovering is not None:
+            await asyncio.wait({recovering}, timeout=settings.grace_seconds)
+        if batcher is not None:
+            await batcher.close()
         # Cancels running jobs between batches; their models are not registered.
-        await asyncio.to_thread(jobs.close)
-        predictor.close()
+        if jobs is not None:
+            await asyncio.to_thread(jobs.close)
+        if predictor is not None:
+            predictor.close()
 
     return Running({"grpc": server.address}, stop)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from onehop.errors import FailedPrecondition, NotFound
+from onehop.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from protos.onehop.v1 import trainer_pb2, trainer_pb2_grpc
 from trainer_service.jobs import JobManager, JobRequest, JobStatus
 from trainer_service.registry import ModelRecord, Registry
@@ -26,11 +26,20 @@ def job_request(request: trainer_pb2.StartJobRequest) -> JobRequest:
         features=tuple(request.features),
         hidden=tuple(request.model.hidden),
         dropout=request.model.dropout,
+        activation=request.model.activation,
+        task=request.model.task,
         epochs=hp.epochs,
         batch_size=hp.batch_size,
         lr=hp.lr,
         val_split=hp.val_split,
         seed=hp.seed,
+        optimizer=hp.optimizer,
+        weight_decay=hp.weight_decay,
+        momentum=hp.momentum,
+        lr_schedule=hp.lr_schedule,
+        warmup_steps=hp.warmup_steps,
+        early_stopping_patience=hp.early_stopping_patience,
+        checkpoint_every_steps=hp.checkpoint_every_steps,
     )
 
 
@@ -51,10 +60,27 @@ def job_status(status: JobStatus) -> trainer_pb2.JobStatus:
         model_name=status.model_name,
         model_version=status.model_version,
         dataset=status.dataset,
+        cpu_seconds=status.cpu_seconds,
+        gpu_seconds=status.gpu_seconds,
+        bytes_read=status.bytes_read,
+        device=status.device,
+        history=[
+            trainer_pb2.EpochMetrics(
+                epoch=entry["epoch"],
+                loss=entry["loss"],
+                metrics=entry["metrics"],
+                samples_per_second=entry["samples_per_second"],
+                data_wait_share=entry["data_wait_share"],
+            )
+            for entry in status.history
+        ],
+        stopped_early=status.stopped_early,
     )
 
 
-def model_info(record: ModelRecord, versions: list[int]) -> trainer_pb2.ModelInfo:
+def model_info(
+    record: ModelRecord, versions: list[int], serving: int = 0, pinned: bool = False
+) -> trainer_pb2.ModelInfo:
     return trainer_pb2.ModelInfo(
         name=record.name,
         version=record.version,
@@ -69,15 +95,30 @@ def model_info(record: ModelRecord, versions: list[int]) -> trainer_pb2.ModelInf
             hidden=list(record.spec.hidden),
             # The proto's convention: 0 would read as "the default", negative as "none".
             dropout=record.spec.dropout or -1.0,
+            activation=record.spec.activation,
+            task=record.spec.task,
         ),
         created_unix=record.created,
+        serving_version=serving,
+        pinned=pinned,
     )
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
-    def __init__(self, jobs: JobManager, registry: Registry):
-        self._jobs = jobs
+    """`jobs` is None on a serve-only replica: job RPCs answer UNAVAILABLE there."""
+
+    def __init__(self, jobs: JobManager | None, registry: Registry):
+        self._job_manager = jobs
         self._registry = registry
+
+    @property
+    def _jobs(self) -> JobManager:
+        if self._job_manager is None:
+            raise Unavailable(
+                "this trainer replica only serves (role serve); send jobs to one "
+                "with role train or all"
+            )
+        return self._job_manager
 
     async def StartJob(
         self, request: trainer_pb2.StartJobRequest, context: grpc.aio.ServicerContext
@@ -126,6 +167,19 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
     ) -> trainer_pb2.ModelInfo:
         return await asyncio.to_thread(self._model, request.name, request.version)
 
+    async def PromoteModel(
+        self, request: trainer_pb2.PromoteModelRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.ModelInfo:
+        if not request.version:
+            raise InvalidArgument("version: name the version to promote")
+        await asyncio.to_thread(self._registry.promote, request.name, request.version, request.pin)
+        return await asyncio.to_thread(self._model, request.name, request.version)
+
     def _model(self, name: str, version: int) -> trainer_pb2.ModelInfo:
         record = self._registry.record(name, version)
-        return model_info(record, self._registry.versions(name))
+        return model_info(
+            record,
+            self._registry.versions(name),
+            self._registry.serving_version(name),
+            self._registry.pinned(name),
+        )

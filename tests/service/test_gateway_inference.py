@@ -29,11 +29,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import REGISTRY
 
+from cache_service.client import CacheClient
+from gateway.http import error_response
 from gateway.oip_grpc import InferenceServicer
 from gateway.oip_http import oip_routes
 from gateway.router import InferenceRouter
 from onehop.channels import aio_channel, flight_location
-from onehop.errors import OnehopError
+from onehop.errors import DeadlineExceeded, OnehopError
 from onehop.server import GrpcServer, Running
 from onehop.settings import Settings
 from protos.inference import grpc_service_pb2 as pb
@@ -83,16 +85,17 @@ class Mesh:
     app: FastAPI
     trainer_channel: grpc.aio.Channel
     cache_channel: grpc.aio.Channel
+    cache: CacheClient
 
 
 def build_app(router: InferenceRouter) -> FastAPI:
-    """The /v2 routes plus a minimal stand-in for the gateway app's error table."""
+    """The /v2 routes with the gateway's error responses."""
     app = FastAPI()
     app.include_router(oip_routes(router))
 
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, OnehopError)
-        return JSONResponse({"error": exc.message}, status_code=exc.http_status)
+        return error_response(exc)
 
     app.add_exception_handler(OnehopError, on_error)
     return app
@@ -118,7 +121,9 @@ async def mesh(
         closers += [trainer_channel.close, cache_channel.close]
         await _train(trainer_channel)
 
-        router = InferenceRouter(settings, trainer_channel, cache_channel)
+        cache = CacheClient([settings.cache_address], settings)
+        closers.insert(0, cache.close)
+        router = InferenceRouter(settings, trainer_channel, cache)
         closers.insert(0, router.close)
         server = GrpcServer(settings, 0)
         server.add(
@@ -143,6 +148,7 @@ async def mesh(
             app=app,
             trainer_channel=trainer_channel,
             cache_channel=cache_channel,
+            cache=cache,
         )
     finally:
         for close in closers:
@@ -280,6 +286,31 @@ async def test_http_json_then_binary_hit(mesh: Mesh) -> None:
     )
 
 
+async def test_repeated_identical_requests_get_the_prebuilt_answer(mesh: Mesh) -> None:
+    """A full hit's encoded answer is kept: the same request bytes under the same weights get
+    it again with 0 hops, over HTTP and gRPC; other bytes go the row path."""
+    rows = fresh_rows(2)
+    body = {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 3], "data": rows.tolist()}]
+    }
+    path = f"/v2/models/{MODEL}/infer"
+    assert (await mesh.http.post(path, json=body)).headers["onehop-cache"] == "miss"
+    assert await mesh.router.drain(10)
+    first = await mesh.http.post(path, json=body)
+    assert (first.headers["onehop-cache"], first.headers["onehop-hops"]) == ("hit", "1")
+    before = rows_counter("hit")
+    again = await mesh.http.post(path, json=body)
+    assert (again.headers["onehop-cache"], again.headers["onehop-hops"]) == ("hit", "0")
+    assert again.content == first.content
+    assert rows_counter("hit") - before == 2  # still counted as a hit of two rows
+
+    first_grpc, trailing = await grpc_infer(mesh, rows)
+    assert trailing["onehop-hops"] == "1"
+    again_grpc, trailing = await grpc_infer(mesh, rows)
+    assert (trailing["onehop-cache"], trailing["onehop-hops"]) == ("hit", "0")
+    assert again_grpc == first_grpc
+
+
 async def test_zero_hop_hits_from_the_local_replica(mesh: Mesh) -> None:
     rows = fresh_rows(2)
     first = await mesh.router.infer(MODEL, "", rows)
@@ -287,7 +318,7 @@ async def test_zero_hop_hits_from_the_local_replica(mesh: Mesh) -> None:
     assert await mesh.router.drain(10)
 
     local = mesh.settings.model_copy(update={"cache_path": str(mesh.settings.data_dir / "cache")})
-    router = InferenceRouter(local, mesh.trainer_channel, mesh.cache_channel)
+    router = InferenceRouter(local, mesh.trainer_channel, mesh.cache)
     try:
         await router.infer(MODEL, "", fresh_rows(1))  # resolves the model (2 hops)
         hit = await router.infer(MODEL, "", rows)
@@ -304,7 +335,7 @@ async def test_cache_stopped_is_a_bypass_and_the_request_succeeds(
 
     own = mesh.settings.model_copy(update={"data_dir": tmp_path_factory.mktemp("own-cache")})
     cache = await cache_service.server.start(own)
-    channel = aio_channel(cache.endpoints["grpc"], own)
+    channel = CacheClient([cache.endpoints["grpc"]], own)
     router = InferenceRouter(mesh.settings, mesh.trainer_channel, channel)
     try:
         rows = fresh_rows(3)
@@ -360,6 +391,15 @@ async def test_wrong_shape_is_invalid_argument(mesh: Mesh) -> None:
         assert reply.json()["error"]
 
 
+async def test_versions_that_are_not_plain_numbers_are_invalid_argument(mesh: Mesh) -> None:
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
+    # "²" is a digit to str.isdigit() but no version number (a fuzzer found the 500 it was).
+    for version in ("²", "0", "-1", "1.5", "v1"):
+        reply = await mesh.http.post(f"/v2/models/{MODEL}/versions/{version}/infer", json=body)
+        assert reply.status_code == 400, (version, reply.text)
+        assert "version" in reply.json()["error"]
+
+
 async def test_body_over_the_limit_is_413(mesh: Mesh) -> None:
     limit = mesh.settings.max_message_bytes
     reply = await mesh.http.post(f"/v2/models/{MODEL}/infer", content=b" " * (limit + 1))
@@ -400,8 +440,8 @@ async def test_metadata_and_health_over_http(mesh: Mesh) -> None:
     assert (await mesh.http.get(f"/v2/models/{MODEL}/versions/{version}")).status_code == 200
     assert (await mesh.http.get(f"/v2/models/{MODEL}/ready")).status_code == 200
     assert (await mesh.http.get(f"/v2/models/{MODEL}/versions/{version}/ready")).status_code == 200
-    # The trainer answers ready=false for a model it does not know: not ready, 503.
-    assert (await mesh.http.get("/v2/models/ghost/ready")).status_code == 503
+    # The trainer answers ready=false for a model it does not know: the gateway says 404.
+    assert (await mesh.http.get("/v2/models/ghost/ready")).status_code == 404
 
 
 async def test_metadata_and_health_over_grpc(mesh: Mesh) -> None:
@@ -429,19 +469,47 @@ out = {}
 
 client = thttp.InferenceServerClient(http_url)
 assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(model)
-assert client.get_model_metadata(model)["inputs"][0]["shape"] == [-1, x.shape[1]]
+assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+metadata = client.get_model_metadata(model)
+assert metadata["inputs"][0]["shape"] == [-1, x.shape[1]]
+version = metadata["versions"][-1]
+assert client.is_model_ready(model, model_version=version)
+assert client.get_model_metadata(model, model_version=version)["name"] == model
 tensor = thttp.InferInput("input", list(x.shape), "FP32")
 tensor.set_data_from_numpy(x)
 out["http"] = client.infer(model, [tensor]).as_numpy("probability").tolist()
+out["http_version"] = client.infer(model, [tensor], model_version=version).as_numpy(
+    "probability"
+).tolist()
 out["http_json"] = client.infer(
     model, [tensor], outputs=[thttp.InferRequestedOutput("probability", binary_data=False)]
 ).as_numpy("probability").tolist()
+typed = thttp.InferInput("input", list(x.shape), "FP32")
+typed.set_data_from_numpy(x, binary_data=False)
+out["http_typed"] = client.infer(model, [typed], timeout=30_000_000).as_numpy(
+    "probability"
+).tolist()
+try:
+    client.infer("ghost", [tensor])
+    raise AssertionError("unknown model answered")
+except thttp.InferenceServerException as exc:
+    assert exc.status() == "404", exc.status()
 
 client = tgrpc.InferenceServerClient(grpc_url)
-assert client.is_server_live() and client.is_model_ready(model)
+assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(model)
+assert "binary_tensor_data" in client.get_server_metadata(as_json=True)["extensions"]
+assert client.get_model_metadata(model, as_json=True)["inputs"][0]["datatype"] == "FP32"
 tensor = tgrpc.InferInput("input", list(x.shape), "FP32")
 tensor.set_data_from_numpy(x)
 out["grpc"] = client.infer(model, [tensor]).as_numpy("probability").tolist()
+out["grpc_version"] = client.infer(
+    model, [tensor], model_version=version, client_timeout=30
+).as_numpy("probability").tolist()
+try:
+    client.infer("ghost", [tensor])
+    raise AssertionError("unknown model answered")
+except tgrpc.InferenceServerException as exc:
+    assert exc.status() == "StatusCode.NOT_FOUND", exc.status()
 print(json.dumps(out))
 """
 
@@ -474,9 +542,218 @@ async def test_tritonclient_http_and_grpc_with_default_options(mesh: Mesh) -> No
         assert process.returncode == 0, stderr.decode()[-3000:]
         results = json.loads(stdout)
         want = (await mesh.router.infer(MODEL, "", rows)).outputs["probability"]
-        for name in ("http", "http_json", "grpc"):
+        for name in ("http", "http_version", "http_json", "http_typed", "grpc", "grpc_version"):
             np.testing.assert_allclose(np.asarray(results[name], dtype=np.float32), want)
     finally:
         server.should_exit = True
         await serving
         sock.close()
+
+
+# --- single-flight, degraded modes, admission ----------------------------------------------
+
+
+def model_calls() -> float:
+    return REGISTRY.get_sample_value("onehop_gateway_model_calls_total") or 0.0
+
+
+async def test_concurrent_identical_misses_make_one_model_call(mesh: Mesh) -> None:
+    rows = fresh_rows(3)
+    await mesh.router.infer(MODEL, "", fresh_rows(1))  # the model is resolved
+    before = model_calls()
+    results = await asyncio.gather(*(mesh.router.infer(MODEL, "", rows) for _ in range(16)))
+    assert model_calls() - before == 1
+    # Late lookups may already find the rows the shared call wrote back.
+    assert {r.cache for r in results} <= {"miss", "hit"}
+    for result in results[1:]:
+        np.testing.assert_array_equal(
+            result.outputs["probability"], results[0].outputs["probability"]
+        )
+
+
+class Process:
+    """A onehop service as its own process (`python -m <module>`), so it can be stopped
+    with SIGSTOP or killed; endpoints from the run file it announces."""
+
+    def __init__(self, module: str, service: str, settings: Settings):
+        import os
+        import subprocess
+
+        self.settings = settings
+        self.service = service
+        env = {
+            **os.environ,
+            "ONEHOP_DATA_DIR": str(settings.data_dir),
+            "ONEHOP_LOG_LEVEL": "WARNING",
+            "ONEHOP_GRACE_SECONDS": "0.2",
+            "ONEHOP_CACHE_SIZE_BYTES": str(64 << 20),
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module], env=env, stderr=subprocess.DEVNULL
+        )
+
+    async def endpoints(self) -> dict[str, str]:
+        from onehop.launcher import read_run_file
+
+        while True:
+            info = read_run_file(self.settings.data_dir, self.service)
+            if info is not None and info["pid"] == self.process.pid:
+                return dict(info["endpoints"])
+            assert self.process.poll() is None, f"{self.service} exited"
+            await asyncio.sleep(0.05)
+
+    def signal(self, number: int) -> None:
+        self.process.send_signal(number)
+
+    def stop(self) -> None:
+        import signal
+
+        self.process.send_signal(signal.SIGCONT)
+        self.process.kill()
+        self.process.wait(10)
+
+
+async def test_trainer_replicas_round_robin_and_fail_over(mesh: Mesh) -> None:
+    """A second trainer process over the same registry: calls spread over both; SIGSTOP it
+    and requests still succeed within their deadline (its attempts time out and move on);
+    kill it and they go straight to the live one."""
+    import signal
+
+    from onehop.channels import Replicas
+
+    replica = Process("trainer_service", "trainer", mesh.settings)
+    channel = None
+    try:
+        address = (await replica.endpoints())["grpc"]
+        channel = aio_channel(address, mesh.settings)
+        replicas = Replicas([mesh.trainer_channel, channel], attempt_timeout=1.0)
+        router = InferenceRouter(mesh.settings, replicas, mesh.cache)
+        try:
+            rows = [fresh_rows(2) for _ in range(6)]
+            answers = [await router.infer(MODEL, "", r) for r in rows]
+            assert all(a.cache == "miss" for a in answers)
+            assert min(replicas.answered) > 0, replicas.answered  # both served
+
+            replica.signal(signal.SIGSTOP)
+            before = replicas.answered[0]
+            for r, answer in zip(rows, answers, strict=True):
+                again = await router.infer(MODEL, "", r + 100, timeout=20)
+                assert again.cache == "miss"
+                # The same weights answer wherever they run.
+                assert again.outputs["probability"].shape == answer.outputs["probability"].shape
+            assert replicas.ejected() == [False, True]
+            assert replicas.answered[0] - before >= len(rows)
+
+            # A request that can only reach the stopped replica ends at its own deadline.
+            alone = InferenceRouter(mesh.settings, Replicas([channel], attempt_timeout=1.0), None)
+            with pytest.raises(DeadlineExceeded):
+                await alone.infer(MODEL, "", fresh_rows(1), timeout=0.5)
+            await alone.close()
+
+            # Killed: a call that starts at it meets UNAVAILABLE and moves to the live one.
+            # (A fresh channel, so nothing is known of it yet: the call really goes there.)
+            replica.stop()
+            dead = aio_channel(address, mesh.settings)
+            dead_first = Replicas([dead, mesh.trainer_channel], attempt_timeout=1.0)
+            fresh = InferenceRouter(mesh.settings, dead_first, mesh.cache)
+            try:
+                result = await fresh.infer(MODEL, "", fresh_rows(2), timeout=20)
+                assert result.cache == "miss"
+                assert dead_first.ejected() == [True, False]
+                assert dead_first.answered[0] == 0 and dead_first.answered[1] > 0
+            finally:
+                await fresh.close()
+                await dead.close()
+        finally:
+            await router.close()
+    finally:
+        if channel is not None:
+            await channel.close()
+        replica.stop()
+
+
+async def test_a_stopped_cache_process_is_bypassed_within_the_lookup_deadline(
+    mesh: Mesh, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import signal
+
+    own = mesh.settings.model_copy(update={"data_dir": tmp_path_factory.mktemp("paused-cache")})
+    cache = Process("cache_service", "cache", own)
+    channel = None
+    try:
+        channel = CacheClient([(await cache.endpoints())["grpc"]], own)
+        router = InferenceRouter(mesh.settings, mesh.trainer_channel, channel)
+        try:
+            rows = fresh_rows(2)
+            first = await router.infer(MODEL, "", rows)
+            assert await router.drain(10)
+            assert (await router.infer(MODEL, "", rows)).cache == "hit"
+            cache.signal(signal.SIGSTOP)
+            paused = await router.infer(MODEL, "", rows, timeout=20)
+            assert paused.cache == "bypass"
+            np.testing.assert_array_equal(
+                paused.outputs["probability"], first.outputs["probability"]
+            )
+        finally:
+            await router.close()
+    finally:
+        if channel is not None:
+            await channel.close()
+        cache.stop()
+
+
+async def test_overload_is_refused_fast_with_retry_after(mesh: Mesh) -> None:
+    """One slot, no queue: while a request holds it, others get RESOURCE_EXHAUSTED / 429
+    with Retry-After, over gRPC and HTTP, and the held request still succeeds."""
+    tight = mesh.settings.model_copy(
+        update={"max_concurrent_requests": 1, "max_queued_requests": 0}
+    )
+    router = InferenceRouter(tight, mesh.trainer_channel, mesh.cache)
+    server = GrpcServer(tight, 0)
+    server.add(
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+        InferenceServicer(router),
+        "inference.GRPCInferenceService",
+    )
+    await server.start()
+    channel = aio_channel(server.address, tight)
+    http = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=build_app(router)), base_url="http://gw"
+    )
+    try:
+        async with router.admission.slot():  # the one slot is taken
+            request = pb.ModelInferRequest(model_name=MODEL)
+            request.inputs.add(name="input", datatype="FP32", shape=[1, 3])
+            request.raw_input_contents.append(fresh_rows(1).tobytes())
+            stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            call = stub.ModelInfer(request, timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert dict(refused.value.trailing_metadata() or ())["retry-after"] == "1"
+
+            body = {
+                "inputs": [
+                    {"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}
+                ]
+            }
+            reply = await http.post(f"/v2/models/{MODEL}/infer", json=body)
+            assert reply.status_code == 429 and reply.json()["error"]
+            assert reply.headers["retry-after"] == "1"
+        assert (await router.infer(MODEL, "", fresh_rows(1))).cache == "miss"
+    finally:
+        await http.aclose()
+        await channel.close()
+        await server.stop()
+        await router.close()
+
+
+async def test_request_timeout_parameter_is_honoured(mesh: Mesh) -> None:
+    """tritonclient's `timeout` (parameters.timeout, microseconds): 1 µs cannot be met."""
+    request = pb.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 3])
+    request.raw_input_contents.append(fresh_rows(1).tobytes())
+    request.parameters["timeout"].int64_param = 1
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await mesh.stub.ModelInfer(request, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -94,9 +94,9 @@ def infer_request(x: np.ndarray, raw: bool, model: str = "risk") -> pb.ModelInfe
     return request
 
 
-def probabilities(response: pb.ModelInferResponse) -> np.ndarray:
+def probabilities(response: pb.ModelInferResponse, name: str = "probability") -> np.ndarray:
     (output,) = response.outputs
-    assert output.name == "probability" and output.datatype == "FP32"
+    assert output.name == name and output.datatype == "FP32"
     if response.raw_output_contents:
         values = np.frombuffer(response.raw_output_contents[0], dtype="<f4")
     else:
@@ -138,6 +138,8 @@ async def test_train_over_the_data_plane_then_infer(mesh: Settings) -> None:
         assert final.step == final.total_steps > 0
         assert final.metrics["accuracy"] > 0.8 and final.metrics["auc"] > 0.9
         assert 0.0 <= final.data_wait_share <= 1.0 and final.samples_per_second > 0
+        assert final.cpu_seconds > 0 and final.gpu_seconds == 0 and final.device == "cpu"
+        assert final.bytes_read > 0 and [h.epoch for h in final.history] == [1, 2, 3, 4]
 
         model = await trainer.GetModel(trainer_pb2.GetModelRequest(name="risk"), timeout=5)
         assert list(model.features) == FEATURES and model.versions == [1]
@@ -272,3 +274,64 @@ async def test_oip_surface_and_errors_without_a_data_plane(trainer: Settings) ->
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await trainer_stub.GetJob(trainer_pb2.GetJobRequest(job_id="x"), timeout=5)
         assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_serve_replica_batches_promotes_and_refuses_jobs(settings: Settings) -> None:
+    register(settings, "risk", seed=0)
+    second = register(settings, "risk", seed=1)
+    serve = settings.model_copy(
+        update={"trainer_role": "serve", "trainer_max_queue_delay_ms": 20.0}
+    )
+    running = await start(serve)
+    try:
+        async with aio_channel(running.endpoints["grpc"], serve) as channel:
+            oip = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            # Loaded and warmed before the server said SERVING.
+            assert (await oip.ModelReady(pb.ModelReadyRequest(name="risk"), timeout=5)).ready
+            rows = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32)
+            replies = await asyncio.gather(
+                *(
+                    oip.ModelInfer(infer_request(rows[i : i + 1], raw=True), timeout=10)
+                    for i in range(64)
+                )
+            )
+            assert {r.parameters["onehop-weights-digest"].string_param for r in replies} == {second}
+            registry = Registry(serve.service_dir("trainer") / "registry")
+            expected = registry.load_model(registry.record("risk", 2), torch.device("cpu"))
+            with torch.inference_mode():
+                direct = torch.sigmoid(expected(torch.from_numpy(rows))).numpy()
+            batched = np.concatenate([probabilities(r) for r in replies])
+            np.testing.assert_allclose(batched, direct, rtol=1e-5, atol=1e-6)
+
+            # Other tasks name their output by what it holds, at the width of the task.
+            for name, spec, output in (
+                ("price", ModelSpec.resolve([8], task="regression"), ("prediction", 1)),
+                ("kind", ModelSpec.resolve([8], task="multiclass", classes=3), ("probability", 3)),
+            ):
+                pre = Preprocessing(("a", "b"), (1.0, -2.0), (2.0, 0.5), 100.0, 10.0)
+                registry.register(name, build_model(spec, pre, 0), target="y")
+                meta = await oip.ModelMetadata(pb.ModelMetadataRequest(name=name), timeout=5)
+                assert [(t.name, list(t.shape)) for t in meta.outputs] == [
+                    (output[0], [-1, output[1]])
+                ]
+                reply = await oip.ModelInfer(
+                    infer_request(rows[:2], raw=True, model=name), timeout=5
+                )
+                assert probabilities(reply, output[0]).shape == (2, output[1])
+
+            trainer = trainer_pb2_grpc.TrainerStub(channel)
+            info = await trainer.PromoteModel(
+                trainer_pb2.PromoteModelRequest(name="risk", version=1, pin=True), timeout=5
+            )
+            assert (info.serving_version, info.pinned) == (1, True)
+            reply = await oip.ModelInfer(infer_request(rows[:1], raw=True), timeout=5)
+            assert reply.model_version == "1"
+
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await trainer.StartJob(
+                    trainer_pb2.StartJobRequest(dataset="d", target="y", model_name="m"), timeout=5
+                )
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "only serves" in error.value.details()
+    finally:
+        await running.stop()

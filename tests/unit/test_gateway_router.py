@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from cache_service.client import CacheClient
 from gateway.router import InferenceRouter
 from onehop.channels import aio_channel
 from onehop.errors import InvalidArgument, NotFound, Unavailable
@@ -153,7 +154,7 @@ class _router:
     def __init__(self, mesh: Mesh, cache: bool = True, **settings: object):
         self.settings = mesh.settings.model_copy(update=settings)
         self.trainer = aio_channel(mesh.trainer_address, self.settings)
-        self.cache = aio_channel(mesh.cache_address, self.settings) if cache else None
+        self.cache = CacheClient([mesh.cache_address], self.settings) if cache else None
 
     async def __aenter__(self) -> InferenceRouter:
         self.router = InferenceRouter(self.settings, self.trainer, self.cache)
@@ -246,13 +247,13 @@ async def test_concurrent_identical_misses_share_one_trainer_call(
     waiting = 0
     do = router._flights.do
 
-    async def counting(key, call):  # type: ignore[no-untyped-def]
+    async def counting(key, call, deadline):  # type: ignore[no-untyped-def]
         nonlocal waiting
         if key[0] == "infer":
             waiting += 1
             if waiting == 2:
                 joined.set()
-        return await do(key, call)
+        return await do(key, call, deadline)
 
     monkeypatch.setattr(router._flights, "do", counting)
     batch = ROWS[1:]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,19 +15,13 @@ import torch
 
 from onehop.errors import FailedPrecondition, InvalidArgument, NotFound
 from trainer_service.inference import Predictor
-from trainer_service.jobs import (
-    ColumnSummary,
-    DatasetDescription,
-    JobManager,
-    JobRequest,
-    JobState,
-)
+from trainer_service.jobs import JobManager, JobRequest, JobState
 from trainer_service.model import ModelSpec, Preprocessing, TabularModel, roc_auc
 from trainer_service.registry import Registry
+from trainer_service.sources import ShardSource, TableData
 from trainer_service.training import (
     Hyperparameters,
     Progress,
-    ShardSource,
     TrainingCancelled,
     TrainingFailed,
     build_model,
@@ -52,72 +45,15 @@ def separable(rows: int, seed: int = 0, features: int = 3) -> pa.Table:
     return pa.table(columns)
 
 
-class MemoryData:
-    """DataAccess over one in-memory table: statistics like the shard service's, features
-    standardised on read, the target passed through, rows split into contiguous shards."""
-
-    def __init__(self, name: str, table: pa.Table, shards: int = 3):
-        self.name = name
-        self.table = table
-        self.shards = shards
-        self.columns = tuple(self._stats(table.field(i).name) for i in range(table.num_columns))
-
-    def _stats(self, column: str) -> ColumnSummary:
-        values = self.table.column(column).to_numpy().astype(np.float64)
-        return ColumnSummary(
-            name=column,
-            type=str(self.table.schema.field(column).type),
-            count=len(values),
-            nulls=int(np.isnan(values).sum()),
-            mean=float(np.nanmean(values)),
-            std=float(np.nanstd(values)),
-            min=float(np.nanmin(values)),
-            max=float(np.nanmax(values)),
-        )
-
-    def _bounds(self) -> list[tuple[int, int]]:
-        edges = np.linspace(0, self.table.num_rows, self.shards + 1).astype(int)
-        return list(zip(edges[:-1], edges[1:], strict=True))
-
-    def describe(self, dataset: str, version: int) -> DatasetDescription:
-        if dataset != self.name or version not in (0, 1):
-            raise NotFound(f"no dataset {dataset!r}")
-        return DatasetDescription(
-            name=self.name,
-            version=1,
-            rows=self.table.num_rows,
-            shard_rows={i: int(b - a) for i, (a, b) in enumerate(self._bounds())},
-            columns=self.columns,
-        )
-
-    @contextlib.contextmanager
-    def open(
-        self, dataset: DatasetDescription, columns: Sequence[str], target: str
-    ) -> Iterator[list[ShardSource]]:
-        stats = {c.name: c for c in self.columns}
-        prepared = {}
-        for name in columns:
-            values = self.table.column(name).to_numpy().astype(np.float64)
-            if name != target:
-                std = stats[name].std or 1.0
-                values = (values - stats[name].mean) / std
-            prepared[name] = values
-        table = pa.table(prepared)
-        yield [
-            ShardSource.from_table(i, table.slice(a, b - a))
-            for i, (a, b) in enumerate(self._bounds())
-        ]
-
-
 def standardised_shards(table: pa.Table, target: str, shards: int = 3) -> list[ShardSource]:
-    data = MemoryData("t", table, shards)
+    data = TableData("t", table, shards)
     features = [c for c in table.column_names if c != target]
     with data.open(data.describe("t", 0), [*features, target], target) as sources:
         return sources
 
 
 def preprocessing_of(table: pa.Table, target: str) -> Preprocessing:
-    stats = [c for c in MemoryData("t", table).columns if c.name != target]
+    stats = [c for c in TableData("t", table).columns if c.name != target]
     return Preprocessing(
         tuple(c.name for c in stats), tuple(c.mean for c in stats), tuple(c.std for c in stats)
     )
@@ -194,6 +130,8 @@ def test_training_learns_a_separable_problem() -> None:
     assert result.metrics["auc"] > 0.9
     assert result.metrics["loss"] < 0.5
     assert result.steps == total_steps(shards, hp) == 4 * 3 * math.ceil(240 / 32)
+    # Every training row once per epoch, counted once.
+    assert round(result.samples_per_second * result.elapsed) == 4 * 3 * 240
     assert 0.0 <= result.data_wait_share <= 1.0
     assert result.samples_per_second > 0
 
@@ -366,7 +304,7 @@ def test_predict_checks_the_shape_and_the_model(tmp_path: Path) -> None:
 
 @pytest.fixture
 def manager(tmp_path: Path) -> Iterator[JobManager]:
-    data = MemoryData("loans", separable(600), shards=3)
+    data = TableData("loans", separable(600), shards=3)
     jobs = JobManager(Registry(tmp_path / "registry"), data, CPU, progress_interval=0.01)
     yield jobs
     jobs.close()
@@ -426,7 +364,7 @@ async def test_a_job_trains_registers_and_promotes(manager: JobManager, tmp_path
 
 async def test_a_nan_job_fails_with_the_reason(tmp_path: Path) -> None:
     # An absurd learning rate blows the weights up after one step.
-    jobs = JobManager(Registry(tmp_path), MemoryData("loans", separable(200)), CPU)
+    jobs = JobManager(Registry(tmp_path), TableData("loans", separable(200)), CPU)
     try:
         job_id = jobs.start(request(lr=1e30))
         final = [s async for s in jobs.watch(job_id)][-1]

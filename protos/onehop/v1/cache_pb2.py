@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/onehop/v1/cache.proto\x12\tonehop.v1\"#\n\x05\x45ntry\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\x19\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"+\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\"\x1f\n\x0f\x42\x61tchGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"1\n\x10\x42\x61tchGetResponse\x12\r\n\x05\x66ound\x18\x01 \x03(\x08\x12\x0e\n\x06values\x18\x02 \x03(\x0c\"\x1f\n\x0f\x43ontainsRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"!\n\x10\x43ontainsResponse\x12\r\n\x05\x66ound\x18\x01 \x03(\x08\"=\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"\r\n\x0bPutResponse\"I\n\x0f\x42\x61tchPutRequest\x12!\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x10.onehop.v1.Entry\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"#\n\x10\x42\x61tchPutResponse\x12\x0f\n\x07written\x18\x01 \x01(\r\"\x1d\n\rDeleteRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"\x11\n\x0fGetStatsRequest\"a\n\x0eNamespaceStats\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x11\n\tevictions\x18\x05 \x01(\x04\"\xcd\x01\n\x10GetStatsResponse\x12?\n\nnamespaces\x18\x01 \x03(\x0b\x32+.onehop.v1.GetStatsResponse.NamespacesEntry\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x1aL\n\x0fNamespacesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.onehop.v1.NamespaceStats:\x02\x38\x01\x32\xd4\x03\n\x05\x43\x61\x63he\x12\x36\n\x03Get\x12\x15.onehop.v1.GetRequest\x1a\x16.onehop.v1.GetResponse\"\x00\x12\x45\n\x08\x42\x61tchGet\x12\x1a.onehop.v1.BatchGetRequest\x1a\x1b.onehop.v1.BatchGetResponse\"\x00\x12\x45\n\x08\x43ontains\x12\x1a.onehop.v1.ContainsRequest\x1a\x1b.onehop.v1.ContainsResponse\"\x00\x12\x36\n\x03Put\x12\x15.onehop.v1.PutRequest\x1a\x16.onehop.v1.PutResponse\"\x00\x12\x45\n\x08\x42\x61tchPut\x12\x1a.onehop.v1.BatchPutRequest\x1a\x1b.onehop.v1.BatchPutResponse\"\x00\x12?\n\x06\x44\x65lete\x12\x18.onehop.v1.DeleteRequest\x1a\x19.onehop.v1.DeleteResponse\"\x00\x12\x45\n\x08GetStats\x12\x1a.onehop.v1.GetStatsRequest\x1a\x1b.onehop.v1.GetStatsResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/onehop/v1/cache.proto\x12\tonehop.v1\"#\n\x05\x45ntry\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\x19\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"+\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\"/\n\x0f\x42\x61tchGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0e\n\x06packed\x18\x02 \x01(\x08\"W\n\x10\x42\x61tchGetResponse\x12\r\n\x05\x66ound\x18\x01 \x03(\x08\x12\x0e\n\x06values\x18\x02 \x03(\x0c\x12\x15\n\rpacked_values\x18\x03 \x01(\x0c\x12\r\n\x05sizes\x18\x04 \x03(\r\"\x1f\n\x0f\x43ontainsRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"!\n\x10\x43ontainsResponse\x12\r\n\x05\x66ound\x18\x01 \x03(\x08\"=\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"\r\n\x0bPutResponse\"I\n\x0f\x42\x61tchPutRequest\x12!\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x10.onehop.v1.Entry\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"#\n\x10\x42\x61tchPutResponse\x12\x0f\n\x07written\x18\x01 \x01(\r\"\x1d\n\rDeleteRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"\x11\n\x0fGetStatsRequest\"\x83\x01\n\x0eNamespaceStats\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x11\n\tevictions\x18\x05 \x01(\x04\x12\x0f\n\x07\x63orrupt\x18\x06 \x01(\x04\x12\x0f\n\x07\x65xpired\x18\x07 \x01(\x04\"\xf5\x01\n\x10GetStatsResponse\x12?\n\nnamespaces\x18\x01 \x03(\x0b\x32+.onehop.v1.GetStatsResponse.NamespacesEntry\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07\x63ommits\x18\x04 \x01(\x04\x12\x15\n\rhints_dropped\x18\x05 \x01(\x04\x1aL\n\x0fNamespacesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.onehop.v1.NamespaceStats:\x02\x38\x01\"\x91\x01\n\x0cTouchRequest\x12\x0c\n\x04hits\x18\x01 \x03(\x0c\x12\x33\n\x06misses\x18\x02 \x03(\x0b\x32#.onehop.v1.TouchRequest.MissesEntry\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x04\x1a-\n\x0bMissesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\" \n\rTouchResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\r\"\x1f\n\x10StreamGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"F\n\x11StreamGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\r\n\x05\x63hunk\x18\x03 \x01(\x0c\"C\n\x10StreamPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12\r\n\x05\x63hunk\x18\x03 \x01(\x0c\"\"\n\x11StreamPutResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x32\xaa\x05\n\x05\x43\x61\x63he\x12\x36\n\x03Get\x12\x15.onehop.v1.GetRequest\x1a\x16.onehop.v1.GetResponse\"\x00\x12\x45\n\x08\x42\x61tchGet\x12\x1a.onehop.v1.BatchGetRequest\x1a\x1b.onehop.v1.BatchGetResponse\"\x00\x12\x45\n\x08\x43ontains\x12\x1a.onehop.v1.ContainsRequest\x1a\x1b.onehop.v1.ContainsResponse\"\x00\x12\x36\n\x03Put\x12\x15.onehop.v1.PutRequest\x1a\x16.onehop.v1.PutResponse\"\x00\x12\x45\n\x08\x42\x61tchPut\x12\x1a.onehop.v1.BatchPutRequest\x1a\x1b.onehop.v1.BatchPutResponse\"\x00\x12?\n\x06\x44\x65lete\x12\x18.onehop.v1.DeleteRequest\x1a\x19.onehop.v1.DeleteResponse\"\x00\x12\x45\n\x08GetStats\x12\x1a.onehop.v1.GetStatsRequest\x1a\x1b.onehop.v1.GetStatsResponse\"\x00\x12<\n\x05Touch\x12\x17.onehop.v1.TouchRequest\x1a\x18.onehop.v1.TouchResponse\"\x00\x12J\n\tStreamGet\x12\x1b.onehop.v1.StreamGetRequest\x1a\x1c.onehop.v1.StreamGetResponse\"\x00\x30\x01\x12J\n\tStreamPut\x12\x1b.onehop.v1.StreamPutRequest\x1a\x1c.onehop.v1.StreamPutResponse\"\x00(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETSTATSRESPONSE_NAMESPACESENTRY']._loaded_options = None
   _globals['_GETSTATSRESPONSE_NAMESPACESENTRY']._serialized_options = b'8\001'
+  _globals['_TOUCHREQUEST_MISSESENTRY']._loaded_options = None
+  _globals['_TOUCHREQUEST_MISSESENTRY']._serialized_options = b'8\001'
   _globals['_ENTRY']._serialized_start=43
   _globals['_ENTRY']._serialized_end=78
   _globals['_GETREQUEST']._serialized_start=80
@@ -40,33 +42,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETRESPONSE']._serialized_start=107
   _globals['_GETRESPONSE']._serialized_end=150
   _globals['_BATCHGETREQUEST']._serialized_start=152
-  _globals['_BATCHGETREQUEST']._serialized_end=183
-  _globals['_BATCHGETRESPONSE']._serialized_start=185
-  _globals['_BATCHGETRESPONSE']._serialized_end=234
-  _globals['_CONTAINSREQUEST']._serialized_start=236
-  _globals['_CONTAINSREQUEST']._serialized_end=267
-  _globals['_CONTAINSRESPONSE']._serialized_start=269
-  _globals['_CONTAINSRESPONSE']._serialized_end=302
-  _globals['_PUTREQUEST']._serialized_start=304
-  _globals['_PUTREQUEST']._serialized_end=365
-  _globals['_PUTRESPONSE']._serialized_start=367
-  _globals['_PUTRESPONSE']._serialized_end=380
-  _globals['_BATCHPUTREQUEST']._serialized_start=382
-  _globals['_BATCHPUTREQUEST']._serialized_end=455
-  _globals['_BATCHPUTRESPONSE']._serialized_start=457
-  _globals['_BATCHPUTRESPONSE']._serialized_end=492
-  _globals['_DELETEREQUEST']._serialized_start=494
-  _globals['_DELETEREQUEST']._serialized_end=523
-  _globals['_DELETERESPONSE']._serialized_start=525
-  _globals['_DELETERESPONSE']._serialized_end=558
-  _globals['_GETSTATSREQUEST']._serialized_start=560
-  _globals['_GETSTATSREQUEST']._serialized_end=577
-  _globals['_NAMESPACESTATS']._serialized_start=579
-  _globals['_NAMESPACESTATS']._serialized_end=676
-  _globals['_GETSTATSRESPONSE']._serialized_start=679
-  _globals['_GETSTATSRESPONSE']._serialized_end=884
-  _globals['_GETSTATSRESPONSE_NAMESPACESENTRY']._serialized_start=808
-  _globals['_GETSTATSRESPONSE_NAMESPACESENTRY']._serialized_end=884
-  _globals['_CACHE']._serialized_start=887
-  _globals['_CACHE']._serialized_end=1355
+  _globals['_BATCHGETREQUEST']._serialized_end=199
+  _globals['_BATCHGETRESPONSE']._serialized_start=201
+  _globals['_BATCHGETRESPONSE']._serialized_end=288
+  _globals['_CONTAINSREQUEST']._serialized_start=290
+  _globals['_CONTAINSREQUEST']._serialized_end=321
+  _globals['_CONTAINSRESPONSE']._serialized_start=323
+  _globals['_CONTAINSRESPONSE']._serialized_end=356
+  _globals['_PUTREQUEST']._serialized_start=358
+  _globals['_PUTREQUEST']._serialized_end=419
+  _globals['_PUTRESPONSE']._serialized_start=421
+  _globals['_PUTRESPONSE']._serialized_end=434
+  _globals['_BATCHPUTREQUEST']._serialized_start=436
+  _globals['_BATCHPUTREQUEST']._serialized_end=509
+  _globals['_BATCHPUTRESPONSE']._serialized_start=511
+  _globals['_BATCHPUTRESPONSE']._serialized_end=546
+  _globals['_DELETEREQUEST']._serialized_start=548
+  _globals['_DELETEREQUEST']._serialized_end=577
+  _globals['_DELETERESPONSE']._serialized_start=579
+  _globals['_DELETERESPONSE']._serialized_end=612
+  _globals['_GETSTATSREQUEST']._serialized_start=614
+  _globals['_GETSTATSREQUEST']._serialized_end=631
+  _globals['_NAMESPACESTATS']._serialized_start=634
+  _globals['_NAMESPACESTATS']._serialized_end=765
+  _globals['_GETSTATSRESPONSE']._serialized_start=768
+  _globals['_GETSTATSRESPONSE']._serialized_end=1013
+  _globals['_GETSTATSRESPONSE_NAMESPACESENTRY']._serialized_start=937
+  _globals['_GETSTATSRESPONSE_NAMESPACESENTRY']._serialized_end=1013
+  _globals['_TOUCHREQUEST']._serialized_start=1016
+  _globals['_TOUCHREQUEST']._serialized_end=1161
+  _globals['_TOUCHREQUEST_MISSESENTRY']._serialized_start=1116
+  _globals['_TOUCHREQUEST_MISSESENTRY']._serialized_end=1161
+  _globals['_TOUCHRESPONSE']._serialized_start=1163
+  _globals['_TOUCHRESPONSE']._serialized_end=1195
+  _globals['_STREAMGETREQUEST']._serialized_start=1197
+  _globals['_STREAMGETREQUEST']._serialized_end=1228
+  _globals['_STREAMGETRESPONSE']._serialized_start=1230
+  _globals['_STREAMGETRESPONSE']._serialized_end=1300
+  _globals['_STREAMPUTREQUEST']._serialized_start=1302
+  _globals['_STREAMPUTREQUEST']._serialized_end=1369
+  _globals['_STREAMPUTRESPONSE']._serialized_start=1371
+  _globals['_STREAMPUTRESPONSE']._serialized_end=1405
+  _globals['_CACHE']._serialized_start=1408
+  _globals['_CACHE']._serialized_end=2090
 # @@protoc_insertion_point(module_scope)

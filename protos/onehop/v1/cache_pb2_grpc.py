@@ -69,6 +69,21 @@ class CacheStub:
                 request_serializer=protos_dot_onehop_dot_v1_dot_cache__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=protos_dot_onehop_dot_v1_dot_cache__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.Touch = channel.unary_unary(
+                '/onehop.v1.Cache/Touch',
+                request_serializer=protos_dot_onehop_dot_v1_dot_cache__pb2.TouchRequest.SerializeToString,
+                response_deserializer=protos_dot_onehop_dot_v1_dot_cache__pb2.TouchResponse.FromString,
+                _registered_method=True)
+        self.StreamGet = channel.unary_stream(
+                '/onehop.v1.Cache/StreamGet',
+                request_serializer=protos_dot_onehop_dot_v1_dot_cache__pb2.StreamGetRequest.SerializeToString,
+                response_deserializer=protos_dot_onehop_dot_v1_dot_cache__pb2.StreamGetResponse.FromString,
+                _registered_method=True)
+        self.StreamPut = channel.stream_unary(
+                '/onehop.v1.Cache/StreamPut',
+                request_serializer=protos_dot_onehop_dot_v1_dot_cache__pb2.StreamPutRequest.SerializeToString,
+                response_deserializer=protos_dot_onehop_dot_v1_dot_cache__pb2.StreamPutResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServicer:
@@ -116,6 +131,29 @@ class CacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Touch(self, request, context):
+        """Access hints from zero-hop readers (processes on this host that read the LMDB memory
+        map directly): the keys they served, so eviction and stats see those reads. Advisory:
+        a caller may drop hints under load.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamGet(self, request, context):
+        """A value in chunks, for values too large for one message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamPut(self, request_iterator, context):
+        """The first message names the key (and TTL); every message may carry a chunk.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +191,21 @@ def add_CacheServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=protos_dot_onehop_dot_v1_dot_cache__pb2.GetStatsRequest.FromString,
                     response_serializer=protos_dot_onehop_dot_v1_dot_cache__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'Touch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Touch,
+                    request_deserializer=protos_dot_onehop_dot_v1_dot_cache__pb2.TouchRequest.FromString,
+                    response_serializer=protos_dot_onehop_dot_v1_dot_cache__pb2.TouchResponse.SerializeToString,
+            ),
+            'StreamGet': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamGet,
+                    request_deserializer=protos_dot_onehop_dot_v1_dot_cache__pb2.StreamGetRequest.FromString,
+                    response_serializer=protos_dot_onehop_dot_v1_dot_cache__pb2.StreamGetResponse.SerializeToString,
+            ),
+            'StreamPut': grpc.stream_unary_rpc_method_handler(
+                    servicer.StreamPut,
+                    request_deserializer=protos_dot_onehop_dot_v1_dot_cache__pb2.StreamPutRequest.FromString,
+                    response_serializer=protos_dot_onehop_dot_v1_dot_cache__pb2.StreamPutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +397,87 @@ class Cache:
             '/onehop.v1.Cache/GetStats',
             protos_dot_onehop_dot_v1_dot_cache__pb2.GetStatsRequest.SerializeToString,
             protos_dot_onehop_dot_v1_dot_cache__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Touch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onehop.v1.Cache/Touch',
+            protos_dot_onehop_dot_v1_dot_cache__pb2.TouchRequest.SerializeToString,
+            protos_dot_onehop_dot_v1_dot_cache__pb2.TouchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamGet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/onehop.v1.Cache/StreamGet',
+            protos_dot_onehop_dot_v1_dot_cache__pb2.StreamGetRequest.SerializeToString,
+            protos_dot_onehop_dot_v1_dot_cache__pb2.StreamGetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamPut(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/onehop.v1.Cache/StreamPut',
+            protos_dot_onehop_dot_v1_dot_cache__pb2.StreamPutRequest.SerializeToString,
+            protos_dot_onehop_dot_v1_dot_cache__pb2.StreamPutResponse.FromString,
             options,
             channel_credentials,
             insecure,

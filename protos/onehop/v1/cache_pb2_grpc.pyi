@@ -40,6 +40,15 @@ class CacheStub:
     BatchPut: _grpc.UnaryUnaryMultiCallable[_cache_pb2.BatchPutRequest, _cache_pb2.BatchPutResponse]
     Delete: _grpc.UnaryUnaryMultiCallable[_cache_pb2.DeleteRequest, _cache_pb2.DeleteResponse]
     GetStats: _grpc.UnaryUnaryMultiCallable[_cache_pb2.GetStatsRequest, _cache_pb2.GetStatsResponse]
+    Touch: _grpc.UnaryUnaryMultiCallable[_cache_pb2.TouchRequest, _cache_pb2.TouchResponse]
+    """Access hints from zero-hop readers (processes on this host that read the LMDB memory
+    map directly): the keys they served, so eviction and stats see those reads. Advisory:
+    a caller may drop hints under load.
+    """
+    StreamGet: _grpc.UnaryStreamMultiCallable[_cache_pb2.StreamGetRequest, _cache_pb2.StreamGetResponse]
+    """A value in chunks, for values too large for one message."""
+    StreamPut: _grpc.StreamUnaryMultiCallable[_cache_pb2.StreamPutRequest, _cache_pb2.StreamPutResponse]
+    """The first message names the key (and TTL); every message may carry a chunk."""
 
 @_typing.type_check_only
 class CacheAsyncStub(CacheStub):
@@ -51,6 +60,15 @@ class CacheAsyncStub(CacheStub):
     BatchPut: _aio.UnaryUnaryMultiCallable[_cache_pb2.BatchPutRequest, _cache_pb2.BatchPutResponse]  # type: ignore[assignment]
     Delete: _aio.UnaryUnaryMultiCallable[_cache_pb2.DeleteRequest, _cache_pb2.DeleteResponse]  # type: ignore[assignment]
     GetStats: _aio.UnaryUnaryMultiCallable[_cache_pb2.GetStatsRequest, _cache_pb2.GetStatsResponse]  # type: ignore[assignment]
+    Touch: _aio.UnaryUnaryMultiCallable[_cache_pb2.TouchRequest, _cache_pb2.TouchResponse]  # type: ignore[assignment]
+    """Access hints from zero-hop readers (processes on this host that read the LMDB memory
+    map directly): the keys they served, so eviction and stats see those reads. Advisory:
+    a caller may drop hints under load.
+    """
+    StreamGet: _aio.UnaryStreamMultiCallable[_cache_pb2.StreamGetRequest, _cache_pb2.StreamGetResponse]  # type: ignore[assignment]
+    """A value in chunks, for values too large for one message."""
+    StreamPut: _aio.StreamUnaryMultiCallable[_cache_pb2.StreamPutRequest, _cache_pb2.StreamPutResponse]  # type: ignore[assignment]
+    """The first message names the key (and TTL); every message may carry a chunk."""
 
 class CacheServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -101,5 +119,32 @@ class CacheServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_pb2.GetStatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cache_pb2.GetStatsResponse, _abc.Awaitable[_cache_pb2.GetStatsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Touch(
+        self,
+        request: _cache_pb2.TouchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_pb2.TouchResponse, _abc.Awaitable[_cache_pb2.TouchResponse]]:
+        """Access hints from zero-hop readers (processes on this host that read the LMDB memory
+        map directly): the keys they served, so eviction and stats see those reads. Advisory:
+        a caller may drop hints under load.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamGet(
+        self,
+        request: _cache_pb2.StreamGetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_cache_pb2.StreamGetResponse], _abc.AsyncIterator[_cache_pb2.StreamGetResponse]]:
+        """A value in chunks, for values too large for one message."""
+
+    @_abc_1.abstractmethod
+    def StreamPut(
+        self,
+        request_iterator: _MaybeAsyncIterator[_cache_pb2.StreamPutRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_pb2.StreamPutResponse, _abc.Awaitable[_cache_pb2.StreamPutResponse]]:
+        """The first message names the key (and TTL); every message may carry a chunk."""
 
 def add_CacheServicer_to_server(servicer: CacheServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,29 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/onehop/v1/data.proto\x12\tonehop.v1\"I\n\rPreprocessing\x12#\n\x07scaling\x18\x01 \x01(\x0e\x32\x12.onehop.v1.Scaling\x12\x13\n\x0bpassthrough\x18\x02 \x03(\t\"\x9c\x01\n\x0b\x44\x61taRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12,\n\npreprocess\x18\x03 \x01(\x0b\x32\x18.onehop.v1.Preprocessing\x12\x0f\n\x07\x63olumns\x18\x04 \x03(\t\x12\x0f\n\x07shuffle\x18\x07 \x01(\x08\x12\r\n\x05\x65poch\x18\x05 \x01(\r\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"\xbb\x01\n\x0bShardTicket\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\r\n\x05shard\x18\x03 \x01(\r\x12,\n\npreprocess\x18\x04 \x01(\x0b\x32\x18.onehop.v1.Preprocessing\x12\x0f\n\x07\x63olumns\x18\x05 \x03(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0e\n\x06offset\x18\x08 \x01(\x04\x12\x0f\n\x07shuffle\x18\t \x01(\x08\"=\n\rIngestRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0e\n\x06shards\x18\x02 \x01(\r\x12\x0b\n\x03key\x18\x03 \x01(\t\"|\n\x0b\x43olumnStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\x12\r\n\x05nulls\x18\x04 \x01(\x04\x12\x0c\n\x04mean\x18\x05 \x01(\x01\x12\x0b\n\x03std\x18\x06 \x01(\x01\x12\x0b\n\x03min\x18\x07 \x01(\x01\x12\x0b\n\x03max\x18\x08 \x01(\x01\"7\n\tShardInfo\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\"\xb1\x01\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\x04\x12$\n\x06shards\x18\x04 \x03(\x0b\x32\x14.onehop.v1.ShardInfo\x12\'\n\x07\x63olumns\x18\x05 \x03(\x0b\x32\x16.onehop.v1.ColumnStats\x12\x14\n\x0c\x63reated_unix\x18\x06 \x01(\x01\x12\x10\n\x08versions\x18\x07 \x03(\r\"@\n\x14ListDatasetsResponse\x12(\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x16.onehop.v1.DatasetInfo*1\n\x07Scaling\x12\x10\n\x0cSCALING_NONE\x10\x00\x12\x14\n\x10SCALING_STANDARD\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/onehop/v1/data.proto\x12\tonehop.v1\"\xb1\x01\n\rPreprocessing\x12#\n\x07scaling\x18\x01 \x01(\x0e\x32\x12.onehop.v1.Scaling\x12\x13\n\x0bpassthrough\x18\x02 \x03(\t\x12\x12\n\nclip_sigma\x18\x03 \x01(\x01\x12%\n\x06impute\x18\x04 \x01(\x0e\x32\x15.onehop.v1.Imputation\x12+\n\x0b\x63\x61tegorical\x18\x05 \x01(\x0e\x32\x16.onehop.v1.Categorical\"D\n\x07Literal\x12\x10\n\x06number\x18\x01 \x01(\x01H\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x0e\n\x04\x66lag\x18\x03 \x01(\x08H\x00\x42\x07\n\x05value\"\x9b\x01\n\nComparison\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12$\n\x02op\x18\x02 \x01(\x0e\x32\x18.onehop.v1.Comparison.Op\x12!\n\x05value\x18\x03 \x01(\x0b\x32\x12.onehop.v1.Literal\"4\n\x02Op\x12\x06\n\x02\x45Q\x10\x00\x12\x06\n\x02NE\x10\x01\x12\x06\n\x02LT\x10\x02\x12\x06\n\x02LE\x10\x03\x12\x06\n\x02GT\x10\x04\x12\x06\n\x02GE\x10\x05\";\n\x05InSet\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\"\n\x06values\x18\x02 \x03(\x0b\x32\x12.onehop.v1.Literal\".\n\nFilterList\x12 \n\x05terms\x18\x01 \x03(\x0b\x32\x11.onehop.v1.Filter\"\xde\x01\n\x06\x46ilter\x12(\n\x07\x63ompare\x18\x01 \x01(\x0b\x32\x15.onehop.v1.ComparisonH\x00\x12$\n\x03\x61ll\x18\x02 \x01(\x0b\x32\x15.onehop.v1.FilterListH\x00\x12$\n\x03\x61ny\x18\x03 \x01(\x0b\x32\x15.onehop.v1.FilterListH\x00\x12#\n\x06negate\x18\x04 \x01(\x0b\x32\x11.onehop.v1.FilterH\x00\x12\x11\n\x07is_null\x18\x05 \x01(\tH\x00\x12\x1e\n\x02in\x18\x06 \x01(\x0b\x32\x10.onehop.v1.InSetH\x00\x42\x06\n\x04node\"\xbf\x01\n\x0b\x44\x61taRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12,\n\npreprocess\x18\x03 \x01(\x0b\x32\x18.onehop.v1.Preprocessing\x12\x0f\n\x07\x63olumns\x18\x04 \x03(\t\x12\x0f\n\x07shuffle\x18\x07 \x01(\x08\x12\r\n\x05\x65poch\x18\x05 \x01(\r\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12!\n\x06\x66ilter\x18\x08 \x01(\x0b\x32\x11.onehop.v1.Filter\"\xde\x01\n\x0bShardTicket\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\r\n\x05shard\x18\x03 \x01(\r\x12,\n\npreprocess\x18\x04 \x01(\x0b\x32\x18.onehop.v1.Preprocessing\x12\x0f\n\x07\x63olumns\x18\x05 \x03(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0e\n\x06offset\x18\x08 \x01(\x04\x12\x0f\n\x07shuffle\x18\t \x01(\x08\x12!\n\x06\x66ilter\x18\n \x01(\x0b\x32\x11.onehop.v1.Filter\"\xc4\x01\n\rIngestRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0e\n\x06shards\x18\x02 \x01(\r\x12\x0b\n\x03key\x18\x03 \x01(\t\x12-\n\x0cpartitioning\x18\x04 \x01(\x0e\x32\x17.onehop.v1.Partitioning\x12\x0e\n\x06\x62ounds\x18\x05 \x03(\x01\x12\x0e\n\x06target\x18\x06 \x01(\t\x12\x16\n\x0epositive_class\x18\x07 \x01(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\x12\x0e\n\x06\x66ormat\x18\t \x01(\t\"\x90\x01\n\x0b\x43olumnStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\x12\r\n\x05nulls\x18\x04 \x01(\x04\x12\x0c\n\x04mean\x18\x05 \x01(\x01\x12\x0b\n\x03std\x18\x06 \x01(\x01\x12\x0b\n\x03min\x18\x07 \x01(\x01\x12\x0b\n\x03max\x18\x08 \x01(\x01\x12\x12\n\ncategories\x18\t \x03(\t\"7\n\tShardInfo\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\"\xe8\x01\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\x04\x12$\n\x06shards\x18\x04 \x03(\x0b\x32\x14.onehop.v1.ShardInfo\x12\'\n\x07\x63olumns\x18\x05 \x03(\x0b\x32\x16.onehop.v1.ColumnStats\x12\x14\n\x0c\x63reated_unix\x18\x06 \x01(\x01\x12\x10\n\x08versions\x18\x07 \x03(\r\x12\x14\n\x0cpartitioning\x18\x08 \x01(\t\x12\x0e\n\x06target\x18\t \x01(\t\x12\x0f\n\x07\x63lasses\x18\n \x03(\t\"@\n\x14ListDatasetsResponse\x12(\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x16.onehop.v1.DatasetInfo*E\n\x07Scaling\x12\x10\n\x0cSCALING_NONE\x10\x00\x12\x14\n\x10SCALING_STANDARD\x10\x01\x12\x12\n\x0eSCALING_MINMAX\x10\x02*?\n\nImputation\x12\x0f\n\x0bIMPUTE_NONE\x10\x00\x12\x0f\n\x0bIMPUTE_MEAN\x10\x01\x12\x0f\n\x0bIMPUTE_ZERO\x10\x02*S\n\x0b\x43\x61tegorical\x12\x14\n\x10\x43\x41TEGORICAL_KEEP\x10\x00\x12\x15\n\x11\x43\x41TEGORICAL_INDEX\x10\x01\x12\x17\n\x13\x43\x41TEGORICAL_ONE_HOT\x10\x02*i\n\x0cPartitioning\x12\x15\n\x11PARTITION_DEFAULT\x10\x00\x12\x19\n\x15PARTITION_ROUND_ROBIN\x10\x01\x12\x12\n\x0ePARTITION_HASH\x10\x02\x12\x13\n\x0fPARTITION_RANGE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.onehop.v1.data_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCALING']._serialized_start=958
-  _globals['_SCALING']._serialized_end=1007
-  _globals['_PREPROCESSING']._serialized_start=42
-  _globals['_PREPROCESSING']._serialized_end=115
-  _globals['_DATAREQUEST']._serialized_start=118
-  _globals['_DATAREQUEST']._serialized_end=274
-  _globals['_SHARDTICKET']._serialized_start=277
-  _globals['_SHARDTICKET']._serialized_end=464
-  _globals['_INGESTREQUEST']._serialized_start=466
-  _globals['_INGESTREQUEST']._serialized_end=527
-  _globals['_COLUMNSTATS']._serialized_start=529
-  _globals['_COLUMNSTATS']._serialized_end=653
-  _globals['_SHARDINFO']._serialized_start=655
-  _globals['_SHARDINFO']._serialized_end=710
-  _globals['_DATASETINFO']._serialized_start=713
-  _globals['_DATASETINFO']._serialized_end=890
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=892
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=956
+  _globals['_SCALING']._serialized_start=1907
+  _globals['_SCALING']._serialized_end=1976
+  _globals['_IMPUTATION']._serialized_start=1978
+  _globals['_IMPUTATION']._serialized_end=2041
+  _globals['_CATEGORICAL']._serialized_start=2043
+  _globals['_CATEGORICAL']._serialized_end=2126
+  _globals['_PARTITIONING']._serialized_start=2128
+  _globals['_PARTITIONING']._serialized_end=2233
+  _globals['_PREPROCESSING']._serialized_start=43
+  _globals['_PREPROCESSING']._serialized_end=220
+  _globals['_LITERAL']._serialized_start=222
+  _globals['_LITERAL']._serialized_end=290
+  _globals['_COMPARISON']._serialized_start=293
+  _globals['_COMPARISON']._serialized_end=448
+  _globals['_COMPARISON_OP']._serialized_start=396
+  _globals['_COMPARISON_OP']._serialized_end=448
+  _globals['_INSET']._serialized_start=450
+  _globals['_INSET']._serialized_end=509
+  _globals['_FILTERLIST']._serialized_start=511
+  _globals['_FILTERLIST']._serialized_end=557
+  _globals['_FILTER']._serialized_start=560
+  _globals['_FILTER']._serialized_end=782
+  _globals['_DATAREQUEST']._serialized_start=785
+  _globals['_DATAREQUEST']._serialized_end=976
+  _globals['_SHARDTICKET']._serialized_start=979
+  _globals['_SHARDTICKET']._serialized_end=1201
+  _globals['_INGESTREQUEST']._serialized_start=1204
+  _globals['_INGESTREQUEST']._serialized_end=1400
+  _globals['_COLUMNSTATS']._serialized_start=1403
+  _globals['_COLUMNSTATS']._serialized_end=1547
+  _globals['_SHARDINFO']._serialized_start=1549
+  _globals['_SHARDINFO']._serialized_end=1604
+  _globals['_DATASETINFO']._serialized_start=1607
+  _globals['_DATASETINFO']._serialized_end=1839
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=1841
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=1905
 # @@protoc_insertion_point(module_scope)

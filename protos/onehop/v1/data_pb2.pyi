@@ -31,21 +31,105 @@ class _ScalingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Scaling.Value
     SCALING_NONE: _Scaling.ValueType  # 0
     SCALING_STANDARD: _Scaling.ValueType  # 1
     """(x - mean) / std with the dataset version's statistics."""
+    SCALING_MINMAX: _Scaling.ValueType  # 2
+    """(x - min) / (max - min) with the dataset version's statistics."""
 
 class Scaling(_Scaling, metaclass=_ScalingEnumTypeWrapper): ...
 
 SCALING_NONE: Scaling.ValueType  # 0
 SCALING_STANDARD: Scaling.ValueType  # 1
 """(x - mean) / std with the dataset version's statistics."""
+SCALING_MINMAX: Scaling.ValueType  # 2
+"""(x - min) / (max - min) with the dataset version's statistics."""
 Global___Scaling: _TypeAlias = Scaling  # noqa: Y015
+
+class _Imputation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ImputationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Imputation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    IMPUTE_NONE: _Imputation.ValueType  # 0
+    IMPUTE_MEAN: _Imputation.ValueType  # 1
+    """The column's mean: after standard scaling, 0."""
+    IMPUTE_ZERO: _Imputation.ValueType  # 2
+
+class Imputation(_Imputation, metaclass=_ImputationEnumTypeWrapper):
+    """What replaces a missing numeric value (null or NaN)."""
+
+IMPUTE_NONE: Imputation.ValueType  # 0
+IMPUTE_MEAN: Imputation.ValueType  # 1
+"""The column's mean: after standard scaling, 0."""
+IMPUTE_ZERO: Imputation.ValueType  # 2
+Global___Imputation: _TypeAlias = Imputation  # noqa: Y015
+
+class _Categorical:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CategoricalEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Categorical.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CATEGORICAL_KEEP: _Categorical.ValueType  # 0
+    """The dictionary-encoded strings as stored."""
+    CATEGORICAL_INDEX: _Categorical.ValueType  # 1
+    """int32 index into the column's categories (its statistics), -1 for missing/unknown: an
+    embedding index.
+    """
+    CATEGORICAL_ONE_HOT: _Categorical.ValueType  # 2
+    """One float32 0/1 column "name=category" per category, in the categories' order."""
+
+class Categorical(_Categorical, metaclass=_CategoricalEnumTypeWrapper):
+    """How categorical (dictionary-encoded string) columns are served."""
+
+CATEGORICAL_KEEP: Categorical.ValueType  # 0
+"""The dictionary-encoded strings as stored."""
+CATEGORICAL_INDEX: Categorical.ValueType  # 1
+"""int32 index into the column's categories (its statistics), -1 for missing/unknown: an
+embedding index.
+"""
+CATEGORICAL_ONE_HOT: Categorical.ValueType  # 2
+"""One float32 0/1 column "name=category" per category, in the categories' order."""
+Global___Categorical: _TypeAlias = Categorical  # noqa: Y015
+
+class _Partitioning:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PartitioningEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Partitioning.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PARTITION_DEFAULT: _Partitioning.ValueType  # 0
+    """Round-robin batches, or hash of `key` when a key is given."""
+    PARTITION_ROUND_ROBIN: _Partitioning.ValueType  # 1
+    PARTITION_HASH: _Partitioning.ValueType  # 2
+    PARTITION_RANGE: _Partitioning.ValueType  # 3
+    """Ranges of `key` (numeric): shard k holds bounds[k-1] <= x < bounds[k]."""
+
+class Partitioning(_Partitioning, metaclass=_PartitioningEnumTypeWrapper): ...
+
+PARTITION_DEFAULT: Partitioning.ValueType  # 0
+"""Round-robin batches, or hash of `key` when a key is given."""
+PARTITION_ROUND_ROBIN: Partitioning.ValueType  # 1
+PARTITION_HASH: Partitioning.ValueType  # 2
+PARTITION_RANGE: Partitioning.ValueType  # 3
+"""Ranges of `key` (numeric): shard k holds bounds[k-1] <= x < bounds[k]."""
+Global___Partitioning: _TypeAlias = Partitioning  # noqa: Y015
 
 @_typing.final
 class Preprocessing(_message.Message):
+    """Server-side preprocessing of numeric and categorical columns. Order: clip, impute, scale."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SCALING_FIELD_NUMBER: _builtins.int
     PASSTHROUGH_FIELD_NUMBER: _builtins.int
+    CLIP_SIGMA_FIELD_NUMBER: _builtins.int
+    IMPUTE_FIELD_NUMBER: _builtins.int
+    CATEGORICAL_FIELD_NUMBER: _builtins.int
     scaling: Global___Scaling.ValueType
+    clip_sigma: _builtins.float
+    """Clip numeric values to mean ± clip_sigma · std ("denoise"); 0 = no clipping."""
+    impute: Global___Imputation.ValueType
+    categorical: Global___Categorical.ValueType
     @_builtins.property
     def passthrough(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Columns left as they are (e.g. the training target)."""
@@ -55,14 +139,181 @@ class Preprocessing(_message.Message):
         *,
         scaling: Global___Scaling.ValueType = ...,
         passthrough: _abc.Iterable[_builtins.str] | None = ...,
+        clip_sigma: _builtins.float = ...,
+        impute: Global___Imputation.ValueType = ...,
+        categorical: Global___Categorical.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["passthrough", b"passthrough", "scaling", b"scaling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["categorical", b"categorical", "clip_sigma", b"clip_sigma", "impute", b"impute", "passthrough", b"passthrough", "scaling", b"scaling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Preprocessing: _TypeAlias = Preprocessing  # noqa: Y015
+
+@_typing.final
+class Literal(_message.Message):
+    """A row filter: a small expression tree evaluated by Arrow compute over the stored (raw)
+    values, never parsed or evaluated as code.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    FLAG_FIELD_NUMBER: _builtins.int
+    number: _builtins.float
+    text: _builtins.str
+    flag: _builtins.bool
+    def __init__(
+        self,
+        *,
+        number: _builtins.float = ...,
+        text: _builtins.str = ...,
+        flag: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["flag", b"flag", "number", b"number", "text", b"text", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flag", b"flag", "number", b"number", "text", b"text", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["number", "text", "flag"]  # noqa: Y015
+    _WhichOneofArgType_value: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_value) -> _WhichOneofReturnType_value | None: ...
+
+Global___Literal: _TypeAlias = Literal  # noqa: Y015
+
+@_typing.final
+class Comparison(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Op:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _OpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Comparison._Op.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        EQ: Comparison._Op.ValueType  # 0
+        NE: Comparison._Op.ValueType  # 1
+        LT: Comparison._Op.ValueType  # 2
+        LE: Comparison._Op.ValueType  # 3
+        GT: Comparison._Op.ValueType  # 4
+        GE: Comparison._Op.ValueType  # 5
+
+    class Op(_Op, metaclass=_OpEnumTypeWrapper): ...
+    EQ: Comparison.Op.ValueType  # 0
+    NE: Comparison.Op.ValueType  # 1
+    LT: Comparison.Op.ValueType  # 2
+    LE: Comparison.Op.ValueType  # 3
+    GT: Comparison.Op.ValueType  # 4
+    GE: Comparison.Op.ValueType  # 5
+
+    COLUMN_FIELD_NUMBER: _builtins.int
+    OP_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    column: _builtins.str
+    op: Global___Comparison.Op.ValueType
+    @_builtins.property
+    def value(self) -> Global___Literal: ...
+    def __init__(
+        self,
+        *,
+        column: _builtins.str = ...,
+        op: Global___Comparison.Op.ValueType = ...,
+        value: Global___Literal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["column", b"column", "op", b"op", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Comparison: _TypeAlias = Comparison  # noqa: Y015
+
+@_typing.final
+class InSet(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLUMN_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    column: _builtins.str
+    @_builtins.property
+    def values(self) -> _containers.RepeatedCompositeFieldContainer[Global___Literal]: ...
+    def __init__(
+        self,
+        *,
+        column: _builtins.str = ...,
+        values: _abc.Iterable[Global___Literal] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["column", b"column", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InSet: _TypeAlias = InSet  # noqa: Y015
+
+@_typing.final
+class FilterList(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TERMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def terms(self) -> _containers.RepeatedCompositeFieldContainer[Global___Filter]: ...
+    def __init__(
+        self,
+        *,
+        terms: _abc.Iterable[Global___Filter] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["terms", b"terms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FilterList: _TypeAlias = FilterList  # noqa: Y015
+
+@_typing.final
+class Filter(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPARE_FIELD_NUMBER: _builtins.int
+    ALL_FIELD_NUMBER: _builtins.int
+    ANY_FIELD_NUMBER: _builtins.int
+    NEGATE_FIELD_NUMBER: _builtins.int
+    IS_NULL_FIELD_NUMBER: _builtins.int
+    IN_FIELD_NUMBER: _builtins.int
+    is_null: _builtins.str
+    """The column's value is missing."""
+    @_builtins.property
+    def compare(self) -> Global___Comparison: ...
+    @_builtins.property
+    def all(self) -> Global___FilterList:
+        """Every term holds (AND)."""
+
+    @_builtins.property
+    def any(self) -> Global___FilterList:
+        """Some term holds (OR)."""
+
+    @_builtins.property
+    def negate(self) -> Global___Filter: ...
+    def __init__(
+        self,
+        *,
+        compare: Global___Comparison | None = ...,
+        all: Global___FilterList | None = ...,
+        any: Global___FilterList | None = ...,
+        negate: Global___Filter | None = ...,
+        is_null: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "any", b"any", "compare", b"compare", "in", b"in", "is_null", b"is_null", "negate", b"negate", "node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "any", b"any", "compare", b"compare", "in", b"in", "is_null", b"is_null", "negate", b"negate", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_node: _TypeAlias = _typing.Literal["compare", "all", "any", "negate", "is_null", "in"]  # noqa: Y015
+    _WhichOneofArgType_node: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_node) -> _WhichOneofReturnType_node | None: ...
+
+Global___Filter: _TypeAlias = Filter  # noqa: Y015
 
 @_typing.final
 class DataRequest(_message.Message):
@@ -77,6 +328,7 @@ class DataRequest(_message.Message):
     SHUFFLE_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     dataset: _builtins.str
     version: _builtins.int
     """0 = the newest version."""
@@ -90,6 +342,10 @@ class DataRequest(_message.Message):
     def columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Projection; empty = every column."""
 
+    @_builtins.property
+    def filter(self) -> Global___Filter:
+        """Rows kept; unset = every row."""
+
     def __init__(
         self,
         *,
@@ -100,10 +356,11 @@ class DataRequest(_message.Message):
         shuffle: _builtins.bool = ...,
         epoch: _builtins.int = ...,
         seed: _builtins.int = ...,
+        filter: Global___Filter | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["preprocess", b"preprocess"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "preprocess", b"preprocess"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "dataset", b"dataset", "epoch", b"epoch", "preprocess", b"preprocess", "seed", b"seed", "shuffle", b"shuffle", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "dataset", b"dataset", "epoch", b"epoch", "filter", b"filter", "preprocess", b"preprocess", "seed", b"seed", "shuffle", b"shuffle", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -124,6 +381,7 @@ class ShardTicket(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     SHUFFLE_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     dataset: _builtins.str
     version: _builtins.int
     shard: _builtins.int
@@ -136,6 +394,8 @@ class ShardTicket(_message.Message):
     def preprocess(self) -> Global___Preprocessing: ...
     @_builtins.property
     def columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def filter(self) -> Global___Filter: ...
     def __init__(
         self,
         *,
@@ -148,10 +408,11 @@ class ShardTicket(_message.Message):
         seed: _builtins.int = ...,
         offset: _builtins.int = ...,
         shuffle: _builtins.bool = ...,
+        filter: Global___Filter | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["preprocess", b"preprocess"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "preprocess", b"preprocess"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "dataset", b"dataset", "epoch", b"epoch", "offset", b"offset", "preprocess", b"preprocess", "seed", b"seed", "shard", b"shard", "shuffle", b"shuffle", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "dataset", b"dataset", "epoch", b"epoch", "filter", b"filter", "offset", b"offset", "preprocess", b"preprocess", "seed", b"seed", "shard", b"shard", "shuffle", b"shuffle", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -159,28 +420,57 @@ Global___ShardTicket: _TypeAlias = ShardTicket  # noqa: Y015
 
 @_typing.final
 class IngestRequest(_message.Message):
-    """FlightDescriptor.for_command for DoPut: ingest options beyond the dataset name."""
+    """FlightDescriptor.for_command for DoPut (and the body of the "ingest" action): ingest
+    options beyond the dataset name.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DATASET_FIELD_NUMBER: _builtins.int
     SHARDS_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
+    PARTITIONING_FIELD_NUMBER: _builtins.int
+    BOUNDS_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    POSITIVE_CLASS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
     dataset: _builtins.str
     shards: _builtins.int
-    """0 = the service default."""
+    """0 = the service default (for ranges: len(bounds) + 1)."""
     key: _builtins.str
-    """Rows are placed by hash of this column; empty = round-robin by batch."""
+    """Rows are placed by hash (or range) of this column; empty = round-robin by batch."""
+    partitioning: Global___Partitioning.ValueType
+    target: _builtins.str
+    """A string target column with two classes is stored as 0/1 (int8)."""
+    positive_class: _builtins.str
+    """Which of the two classes is 1; empty = the second in sorted order."""
+    source: _builtins.str
+    """"ingest" action only: a file the shard service reads itself: a path under its source
+    root, or a URI of an allowed pyarrow.fs scheme (file, s3, gs).
+    """
+    format: _builtins.str
+    """"csv", "parquet" or "arrow"; empty = from the source's extension."""
+    @_builtins.property
+    def bounds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Range boundaries, ascending; empty = quantiles of the first batch."""
+
     def __init__(
         self,
         *,
         dataset: _builtins.str = ...,
         shards: _builtins.int = ...,
         key: _builtins.str = ...,
+        partitioning: Global___Partitioning.ValueType = ...,
+        bounds: _abc.Iterable[_builtins.float] | None = ...,
+        target: _builtins.str = ...,
+        positive_class: _builtins.str = ...,
+        source: _builtins.str = ...,
+        format: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "key", b"key", "shards", b"shards"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bounds", b"bounds", "dataset", b"dataset", "format", b"format", "key", b"key", "partitioning", b"partitioning", "positive_class", b"positive_class", "shards", b"shards", "source", b"source", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -198,6 +488,7 @@ class ColumnStats(_message.Message):
     STD_FIELD_NUMBER: _builtins.int
     MIN_FIELD_NUMBER: _builtins.int
     MAX_FIELD_NUMBER: _builtins.int
+    CATEGORIES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     type: _builtins.str
     count: _builtins.int
@@ -206,6 +497,10 @@ class ColumnStats(_message.Message):
     std: _builtins.float
     min: _builtins.float
     max: _builtins.float
+    @_builtins.property
+    def categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Categorical columns: their categories, sorted (empty past the cardinality limit)."""
+
     def __init__(
         self,
         *,
@@ -217,10 +512,11 @@ class ColumnStats(_message.Message):
         std: _builtins.float = ...,
         min: _builtins.float = ...,
         max: _builtins.float = ...,
+        categories: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "max", b"max", "mean", b"mean", "min", b"min", "name", b"name", "nulls", b"nulls", "std", b"std", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "count", b"count", "max", b"max", "mean", b"mean", "min", b"min", "name", b"name", "nulls", b"nulls", "std", b"std", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -266,10 +562,17 @@ class DatasetInfo(_message.Message):
     COLUMNS_FIELD_NUMBER: _builtins.int
     CREATED_UNIX_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
+    PARTITIONING_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    CLASSES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     rows: _builtins.int
     created_unix: _builtins.float
+    partitioning: _builtins.str
+    """How rows were placed: "round-robin", "hash:COL" or "range:COL"."""
+    target: _builtins.str
+    """A two-class string target stored as 0/1: its classes, the one stored as 1 last."""
     @_builtins.property
     def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardInfo]: ...
     @_builtins.property
@@ -278,6 +581,8 @@ class DatasetInfo(_message.Message):
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Every version of this dataset, oldest first."""
 
+    @_builtins.property
+    def classes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -288,10 +593,13 @@ class DatasetInfo(_message.Message):
         columns: _abc.Iterable[Global___ColumnStats] | None = ...,
         created_unix: _builtins.float = ...,
         versions: _abc.Iterable[_builtins.int] | None = ...,
+        partitioning: _builtins.str = ...,
+        target: _builtins.str = ...,
+        classes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "created_unix", b"created_unix", "name", b"name", "rows", b"rows", "shards", b"shards", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "columns", b"columns", "created_unix", b"created_unix", "name", b"name", "partitioning", b"partitioning", "rows", b"rows", "shards", b"shards", "target", b"target", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,25 +22,26 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from protos.onehop.v1 import cache_pb2 as protos_dot_onehop_dot_v1_dot_cache__pb2
 from protos.onehop.v1 import data_pb2 as protos_dot_onehop_dot_v1_dot_data__pb2
 from protos.onehop.v1 import trainer_pb2 as protos_dot_onehop_dot_v1_dot_trainer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/onehop/v1/gateway.proto\x12\tonehop.v1\x1a\x1bprotos/onehop/v1/data.proto\x1a\x1eprotos/onehop/v1/trainer.proto\"\x15\n\x13ListDatasetsRequest\"\x19\n\x17GetClusterStatusRequest\">\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06health\x18\x03 \x01(\t\"F\n\x18GetClusterStatusResponse\x12*\n\x08services\x18\x01 \x03(\x0b\x32\x18.onehop.v1.ServiceStatus2\xd4\x04\n\x07Gateway\x12\x45\n\x08StartJob\x12\x1a.onehop.v1.StartJobRequest\x1a\x1b.onehop.v1.StartJobResponse\"\x00\x12@\n\x08WatchJob\x12\x1a.onehop.v1.WatchJobRequest\x1a\x14.onehop.v1.JobStatus\"\x00\x30\x01\x12:\n\x06GetJob\x12\x18.onehop.v1.GetJobRequest\x1a\x14.onehop.v1.JobStatus\"\x00\x12\x45\n\x08ListJobs\x12\x1a.onehop.v1.ListJobsRequest\x1a\x1b.onehop.v1.ListJobsResponse\"\x00\x12K\n\nListModels\x12\x1c.onehop.v1.ListModelsRequest\x1a\x1d.onehop.v1.ListModelsResponse\"\x00\x12>\n\x08GetModel\x12\x1a.onehop.v1.GetModelRequest\x1a\x14.onehop.v1.ModelInfo\"\x00\x12Q\n\x0cListDatasets\x12\x1e.onehop.v1.ListDatasetsRequest\x1a\x1f.onehop.v1.ListDatasetsResponse\"\x00\x12]\n\x10GetClusterStatus\x12\".onehop.v1.GetClusterStatusRequest\x1a#.onehop.v1.GetClusterStatusResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/onehop/v1/gateway.proto\x12\tonehop.v1\x1a\x1cprotos/onehop/v1/cache.proto\x1a\x1bprotos/onehop/v1/data.proto\x1a\x1eprotos/onehop/v1/trainer.proto\"\x15\n\x13ListDatasetsRequest\"\x19\n\x17GetClusterStatusRequest\">\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06health\x18\x03 \x01(\t\"F\n\x18GetClusterStatusResponse\x12*\n\x08services\x18\x01 \x03(\x0b\x32\x18.onehop.v1.ServiceStatus2\xb2\x06\n\x07Gateway\x12\x45\n\x08StartJob\x12\x1a.onehop.v1.StartJobRequest\x1a\x1b.onehop.v1.StartJobResponse\"\x00\x12@\n\x08WatchJob\x12\x1a.onehop.v1.WatchJobRequest\x1a\x14.onehop.v1.JobStatus\"\x00\x30\x01\x12:\n\x06GetJob\x12\x18.onehop.v1.GetJobRequest\x1a\x14.onehop.v1.JobStatus\"\x00\x12H\n\tCancelJob\x12\x1b.onehop.v1.CancelJobRequest\x1a\x1c.onehop.v1.CancelJobResponse\"\x00\x12\x45\n\x08ListJobs\x12\x1a.onehop.v1.ListJobsRequest\x1a\x1b.onehop.v1.ListJobsResponse\"\x00\x12K\n\nListModels\x12\x1c.onehop.v1.ListModelsRequest\x1a\x1d.onehop.v1.ListModelsResponse\"\x00\x12>\n\x08GetModel\x12\x1a.onehop.v1.GetModelRequest\x1a\x14.onehop.v1.ModelInfo\"\x00\x12\x46\n\x0cPromoteModel\x12\x1e.onehop.v1.PromoteModelRequest\x1a\x14.onehop.v1.ModelInfo\"\x00\x12J\n\rGetCacheStats\x12\x1a.onehop.v1.GetStatsRequest\x1a\x1b.onehop.v1.GetStatsResponse\"\x00\x12Q\n\x0cListDatasets\x12\x1e.onehop.v1.ListDatasetsRequest\x1a\x1f.onehop.v1.ListDatasetsResponse\"\x00\x12]\n\x10GetClusterStatus\x12\".onehop.v1.GetClusterStatusRequest\x1a#.onehop.v1.GetClusterStatusResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.onehop.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTDATASETSREQUEST']._serialized_start=106
-  _globals['_LISTDATASETSREQUEST']._serialized_end=127
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=129
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=154
-  _globals['_SERVICESTATUS']._serialized_start=156
-  _globals['_SERVICESTATUS']._serialized_end=218
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=220
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=290
-  _globals['_GATEWAY']._serialized_start=293
-  _globals['_GATEWAY']._serialized_end=889
+  _globals['_LISTDATASETSREQUEST']._serialized_start=136
+  _globals['_LISTDATASETSREQUEST']._serialized_end=157
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=159
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=184
+  _globals['_SERVICESTATUS']._serialized_start=186
+  _globals['_SERVICESTATUS']._serialized_end=248
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=250
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=320
+  _globals['_GATEWAY']._serialized_start=323
+  _globals['_GATEWAY']._serialized_end=1141
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from protos.onehop.v1 import cache_pb2 as protos_dot_onehop_dot_v1_dot_cache__pb2
 from protos.onehop.v1 import data_pb2 as protos_dot_onehop_dot_v1_dot_data__pb2
 from protos.onehop.v1 import gateway_pb2 as protos_dot_onehop_dot_v1_dot_gateway__pb2
 from protos.onehop.v1 import trainer_pb2 as protos_dot_onehop_dot_v1_dot_trainer__pb2
@@ -51,6 +52,11 @@ class GatewayStub:
                 request_serializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.JobStatus.FromString,
                 _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/onehop.v1.Gateway/CancelJob',
+                request_serializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.CancelJobResponse.FromString,
+                _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/onehop.v1.Gateway/ListJobs',
                 request_serializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.ListJobsRequest.SerializeToString,
@@ -65,6 +71,16 @@ class GatewayStub:
                 '/onehop.v1.Gateway/GetModel',
                 request_serializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.PromoteModel = channel.unary_unary(
+                '/onehop.v1.Gateway/PromoteModel',
+                request_serializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.PromoteModelRequest.SerializeToString,
+                response_deserializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.GetCacheStats = channel.unary_unary(
+                '/onehop.v1.Gateway/GetCacheStats',
+                request_serializer=protos_dot_onehop_dot_v1_dot_cache__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=protos_dot_onehop_dot_v1_dot_cache__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
         self.ListDatasets = channel.unary_unary(
                 '/onehop.v1.Gateway/ListDatasets',
@@ -99,6 +115,12 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListJobs(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -113,6 +135,20 @@ class GatewayServicer:
 
     def GetModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteModel(self, request, context):
+        """Make a registered version the serving one (the trainer's PromoteModel).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCacheStats(self, request, context):
+        """The prediction and shard cache's counters (the cache service's GetStats).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -147,6 +183,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.GetJobRequest.FromString,
                     response_serializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.JobStatus.SerializeToString,
             ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.CancelJobRequest.FromString,
+                    response_serializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.CancelJobResponse.SerializeToString,
+            ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
                     request_deserializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.ListJobsRequest.FromString,
@@ -161,6 +202,16 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.GetModelRequest.FromString,
                     response_serializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.ModelInfo.SerializeToString,
+            ),
+            'PromoteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteModel,
+                    request_deserializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.PromoteModelRequest.FromString,
+                    response_serializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetCacheStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCacheStats,
+                    request_deserializer=protos_dot_onehop_dot_v1_dot_cache__pb2.GetStatsRequest.FromString,
+                    response_serializer=protos_dot_onehop_dot_v1_dot_cache__pb2.GetStatsResponse.SerializeToString,
             ),
             'ListDatasets': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDatasets,
@@ -265,6 +316,33 @@ class Gateway:
             _registered_method=True)
 
     @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onehop.v1.Gateway/CancelJob',
+            protos_dot_onehop_dot_v1_dot_trainer__pb2.CancelJobRequest.SerializeToString,
+            protos_dot_onehop_dot_v1_dot_trainer__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListJobs(request,
             target,
             options=(),
@@ -335,6 +413,60 @@ class Gateway:
             '/onehop.v1.Gateway/GetModel',
             protos_dot_onehop_dot_v1_dot_trainer__pb2.GetModelRequest.SerializeToString,
             protos_dot_onehop_dot_v1_dot_trainer__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onehop.v1.Gateway/PromoteModel',
+            protos_dot_onehop_dot_v1_dot_trainer__pb2.PromoteModelRequest.SerializeToString,
+            protos_dot_onehop_dot_v1_dot_trainer__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCacheStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onehop.v1.Gateway/GetCacheStats',
+            protos_dot_onehop_dot_v1_dot_cache__pb2.GetStatsRequest.SerializeToString,
+            protos_dot_onehop_dot_v1_dot_cache__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

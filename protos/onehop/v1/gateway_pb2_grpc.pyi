@@ -7,6 +7,7 @@ that hold only the gateway's address. Inference is inference.GRPCInferenceServic
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from protos.onehop.v1 import cache_pb2 as _cache_pb2
 from protos.onehop.v1 import data_pb2 as _data_pb2
 from protos.onehop.v1 import gateway_pb2 as _gateway_pb2
 from protos.onehop.v1 import trainer_pb2 as _trainer_pb2
@@ -38,9 +39,14 @@ class GatewayStub:
     StartJob: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.StartJobRequest, _trainer_pb2.StartJobResponse]
     WatchJob: _grpc.UnaryStreamMultiCallable[_trainer_pb2.WatchJobRequest, _trainer_pb2.JobStatus]
     GetJob: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetJobRequest, _trainer_pb2.JobStatus]
+    CancelJob: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.CancelJobRequest, _trainer_pb2.CancelJobResponse]
     ListJobs: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ListJobsRequest, _trainer_pb2.ListJobsResponse]
     ListModels: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ListModelsRequest, _trainer_pb2.ListModelsResponse]
     GetModel: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetModelRequest, _trainer_pb2.ModelInfo]
+    PromoteModel: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.PromoteModelRequest, _trainer_pb2.ModelInfo]
+    """Make a registered version the serving one (the trainer's PromoteModel)."""
+    GetCacheStats: _grpc.UnaryUnaryMultiCallable[_cache_pb2.GetStatsRequest, _cache_pb2.GetStatsResponse]
+    """The prediction and shard cache's counters (the cache service's GetStats)."""
     ListDatasets: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListDatasetsRequest, _data_pb2.ListDatasetsResponse]
     GetClusterStatus: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetClusterStatusRequest, _gateway_pb2.GetClusterStatusResponse]
 
@@ -50,9 +56,14 @@ class GatewayAsyncStub(GatewayStub):
     StartJob: _aio.UnaryUnaryMultiCallable[_trainer_pb2.StartJobRequest, _trainer_pb2.StartJobResponse]  # type: ignore[assignment]
     WatchJob: _aio.UnaryStreamMultiCallable[_trainer_pb2.WatchJobRequest, _trainer_pb2.JobStatus]  # type: ignore[assignment]
     GetJob: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetJobRequest, _trainer_pb2.JobStatus]  # type: ignore[assignment]
+    CancelJob: _aio.UnaryUnaryMultiCallable[_trainer_pb2.CancelJobRequest, _trainer_pb2.CancelJobResponse]  # type: ignore[assignment]
     ListJobs: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListJobsRequest, _trainer_pb2.ListJobsResponse]  # type: ignore[assignment]
     ListModels: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListModelsRequest, _trainer_pb2.ListModelsResponse]  # type: ignore[assignment]
     GetModel: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetModelRequest, _trainer_pb2.ModelInfo]  # type: ignore[assignment]
+    PromoteModel: _aio.UnaryUnaryMultiCallable[_trainer_pb2.PromoteModelRequest, _trainer_pb2.ModelInfo]  # type: ignore[assignment]
+    """Make a registered version the serving one (the trainer's PromoteModel)."""
+    GetCacheStats: _aio.UnaryUnaryMultiCallable[_cache_pb2.GetStatsRequest, _cache_pb2.GetStatsResponse]  # type: ignore[assignment]
+    """The prediction and shard cache's counters (the cache service's GetStats)."""
     ListDatasets: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListDatasetsRequest, _data_pb2.ListDatasetsResponse]  # type: ignore[assignment]
     GetClusterStatus: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetClusterStatusRequest, _gateway_pb2.GetClusterStatusResponse]  # type: ignore[assignment]
 
@@ -79,6 +90,13 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_trainer_pb2.JobStatus, _abc.Awaitable[_trainer_pb2.JobStatus]]: ...
 
     @_abc_1.abstractmethod
+    def CancelJob(
+        self,
+        request: _trainer_pb2.CancelJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.CancelJobResponse, _abc.Awaitable[_trainer_pb2.CancelJobResponse]]: ...
+
+    @_abc_1.abstractmethod
     def ListJobs(
         self,
         request: _trainer_pb2.ListJobsRequest,
@@ -98,6 +116,22 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
         request: _trainer_pb2.GetModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.ModelInfo, _abc.Awaitable[_trainer_pb2.ModelInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def PromoteModel(
+        self,
+        request: _trainer_pb2.PromoteModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.ModelInfo, _abc.Awaitable[_trainer_pb2.ModelInfo]]:
+        """Make a registered version the serving one (the trainer's PromoteModel)."""
+
+    @_abc_1.abstractmethod
+    def GetCacheStats(
+        self,
+        request: _cache_pb2.GetStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_pb2.GetStatsResponse, _abc.Awaitable[_cache_pb2.GetStatsResponse]]:
+        """The prediction and shard cache's counters (the cache service's GetStats)."""
 
     @_abc_1.abstractmethod
     def ListDatasets(

@@ -48,8 +48,17 @@ class ModelSpec(_message.Message):
 
     HIDDEN_FIELD_NUMBER: _builtins.int
     DROPOUT_FIELD_NUMBER: _builtins.int
+    ACTIVATION_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
     dropout: _builtins.float
     """0 = the seed model's 0.5; use a negative value for none."""
+    activation: _builtins.str
+    """relu (default), gelu, silu, tanh, leaky_relu or elu."""
+    task: _builtins.str
+    """binary (default: one logit, output `probability` [-1, 1]), multiclass (target holds
+    class ids 0..K-1; output `probability` [-1, K]) or regression (output `prediction`
+    [-1, 1], in the target's units).
+    """
     @_builtins.property
     def hidden(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Hidden layer widths; empty = the seed model's [64]."""
@@ -59,10 +68,12 @@ class ModelSpec(_message.Message):
         *,
         hidden: _abc.Iterable[_builtins.int] | None = ...,
         dropout: _builtins.float = ...,
+        activation: _builtins.str = ...,
+        task: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropout", b"dropout", "hidden", b"hidden"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "dropout", b"dropout", "hidden", b"hidden", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -77,12 +88,33 @@ class Hyperparameters(_message.Message):
     LR_FIELD_NUMBER: _builtins.int
     VAL_SPLIT_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    WEIGHT_DECAY_FIELD_NUMBER: _builtins.int
+    MOMENTUM_FIELD_NUMBER: _builtins.int
+    LR_SCHEDULE_FIELD_NUMBER: _builtins.int
+    WARMUP_STEPS_FIELD_NUMBER: _builtins.int
+    EARLY_STOPPING_PATIENCE_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_EVERY_STEPS_FIELD_NUMBER: _builtins.int
     epochs: _builtins.int
     """0 = the defaults: 5 epochs, batch 32, lr 1e-3, validation split 0.2, seed 0."""
     batch_size: _builtins.int
     lr: _builtins.float
     val_split: _builtins.float
     seed: _builtins.int
+    optimizer: _builtins.str
+    """adam (default), adamw, sgd or lamb (layer-wise adaptive, for large batches)."""
+    weight_decay: _builtins.float
+    """0 = none (adamw: 0.01)."""
+    momentum: _builtins.float
+    """sgd only; 0 = 0.9, negative = none."""
+    lr_schedule: _builtins.str
+    """Learning-rate schedule: constant (default), cosine or linear decay to 0 over the job."""
+    warmup_steps: _builtins.int
+    """Steps of linear warm-up before the schedule; 0 = none."""
+    early_stopping_patience: _builtins.int
+    """Stop after this many epochs without a lower validation loss; 0 = never."""
+    checkpoint_every_steps: _builtins.int
+    """Write a checkpoint every N steps (and after every epoch); 0 = after every epoch only."""
     def __init__(
         self,
         *,
@@ -91,10 +123,17 @@ class Hyperparameters(_message.Message):
         lr: _builtins.float = ...,
         val_split: _builtins.float = ...,
         seed: _builtins.int = ...,
+        optimizer: _builtins.str = ...,
+        weight_decay: _builtins.float = ...,
+        momentum: _builtins.float = ...,
+        lr_schedule: _builtins.str = ...,
+        warmup_steps: _builtins.int = ...,
+        early_stopping_patience: _builtins.int = ...,
+        checkpoint_every_steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "epochs", b"epochs", "lr", b"lr", "seed", b"seed", "val_split", b"val_split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "checkpoint_every_steps", b"checkpoint_every_steps", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "lr", b"lr", "lr_schedule", b"lr_schedule", "momentum", b"momentum", "optimizer", b"optimizer", "seed", b"seed", "val_split", b"val_split", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -201,6 +240,12 @@ class JobStatus(_message.Message):
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     DATASET_FIELD_NUMBER: _builtins.int
+    CPU_SECONDS_FIELD_NUMBER: _builtins.int
+    GPU_SECONDS_FIELD_NUMBER: _builtins.int
+    BYTES_READ_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
+    STOPPED_EARLY_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: Global___JobState.ValueType
     epoch: _builtins.int
@@ -218,9 +263,23 @@ class JobStatus(_message.Message):
     model_version: _builtins.int
     """Set when the job succeeded and registered a model version."""
     dataset: _builtins.str
+    cpu_seconds: _builtins.float
+    """What the job cost: CPU-seconds of the trainer process while it ran, GPU-seconds (wall
+    time on a CUDA device, 0 on CPU), bytes of Arrow data read from the data plane.
+    """
+    gpu_seconds: _builtins.float
+    bytes_read: _builtins.int
+    device: _builtins.str
+    """Where it trained: "cpu" or "cuda:0 (NVIDIA H100 ...)"."""
+    stopped_early: _builtins.bool
+    """Set when early stopping ended the job before its last epoch."""
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Validation metrics of the last finished epoch: loss, accuracy, auc."""
+
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___EpochMetrics]:
+        """Validation metrics of every finished epoch, oldest first; data_wait_share of each."""
 
     def __init__(
         self,
@@ -240,14 +299,72 @@ class JobStatus(_message.Message):
         model_name: _builtins.str = ...,
         model_version: _builtins.int = ...,
         dataset: _builtins.str = ...,
+        cpu_seconds: _builtins.float = ...,
+        gpu_seconds: _builtins.float = ...,
+        bytes_read: _builtins.int = ...,
+        device: _builtins.str = ...,
+        history: _abc.Iterable[Global___EpochMetrics] | None = ...,
+        stopped_early: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_wait_share", b"data_wait_share", "dataset", b"dataset", "elapsed_seconds", b"elapsed_seconds", "epoch", b"epoch", "epochs", b"epochs", "job_id", b"job_id", "loss", b"loss", "message", b"message", "metrics", b"metrics", "model_name", b"model_name", "model_version", b"model_version", "samples_per_second", b"samples_per_second", "state", b"state", "step", b"step", "total_steps", b"total_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_read", b"bytes_read", "cpu_seconds", b"cpu_seconds", "data_wait_share", b"data_wait_share", "dataset", b"dataset", "device", b"device", "elapsed_seconds", b"elapsed_seconds", "epoch", b"epoch", "epochs", b"epochs", "gpu_seconds", b"gpu_seconds", "history", b"history", "job_id", b"job_id", "loss", b"loss", "message", b"message", "metrics", b"metrics", "model_name", b"model_name", "model_version", b"model_version", "samples_per_second", b"samples_per_second", "state", b"state", "step", b"step", "stopped_early", b"stopped_early", "total_steps", b"total_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobStatus: _TypeAlias = JobStatus  # noqa: Y015
+
+@_typing.final
+class EpochMetrics(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    SAMPLES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    DATA_WAIT_SHARE_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    loss: _builtins.float
+    samples_per_second: _builtins.float
+    data_wait_share: _builtins.float
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        loss: _builtins.float = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        samples_per_second: _builtins.float = ...,
+        data_wait_share: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_wait_share", b"data_wait_share", "epoch", b"epoch", "loss", b"loss", "metrics", b"metrics", "samples_per_second", b"samples_per_second"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EpochMetrics: _TypeAlias = EpochMetrics  # noqa: Y015
 
 @_typing.final
 class WatchJobRequest(_message.Message):
@@ -454,6 +571,8 @@ class ModelInfo(_message.Message):
     VERSIONS_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     CREATED_UNIX_FIELD_NUMBER: _builtins.int
+    SERVING_VERSION_FIELD_NUMBER: _builtins.int
+    PINNED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     weights_digest: _builtins.str
@@ -462,6 +581,9 @@ class ModelInfo(_message.Message):
     dataset: _builtins.str
     dataset_version: _builtins.int
     created_unix: _builtins.float
+    serving_version: _builtins.int
+    """The version CURRENT names, and whether it is pinned (a newer job does not replace it)."""
+    pinned: _builtins.bool
     @_builtins.property
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -486,11 +608,38 @@ class ModelInfo(_message.Message):
         versions: _abc.Iterable[_builtins.int] | None = ...,
         spec: Global___ModelSpec | None = ...,
         created_unix: _builtins.float = ...,
+        serving_version: _builtins.int = ...,
+        pinned: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix", b"created_unix", "dataset", b"dataset", "dataset_version", b"dataset_version", "features", b"features", "metrics", b"metrics", "name", b"name", "spec", b"spec", "target", b"target", "version", b"version", "versions", b"versions", "weights_digest", b"weights_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix", b"created_unix", "dataset", b"dataset", "dataset_version", b"dataset_version", "features", b"features", "metrics", b"metrics", "name", b"name", "pinned", b"pinned", "serving_version", b"serving_version", "spec", b"spec", "target", b"target", "version", b"version", "versions", b"versions", "weights_digest", b"weights_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class PromoteModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PIN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.int
+    pin: _builtins.bool
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        pin: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "pin", b"pin", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteModelRequest: _TypeAlias = PromoteModelRequest  # noqa: Y015

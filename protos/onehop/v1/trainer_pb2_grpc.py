@@ -69,6 +69,11 @@ class TrainerStub:
                 request_serializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.PromoteModel = channel.unary_unary(
+                '/onehop.v1.Trainer/PromoteModel',
+                request_serializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.PromoteModelRequest.SerializeToString,
+                response_deserializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class TrainerServicer:
@@ -116,6 +121,14 @@ class TrainerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PromoteModel(self, request, context):
+        """Make a registered version the serving one (checked to load first); `pin` keeps it
+        serving when later jobs register newer versions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -152,6 +165,11 @@ def add_TrainerServicer_to_server(servicer, server):
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
                     request_deserializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.GetModelRequest.FromString,
+                    response_serializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.ModelInfo.SerializeToString,
+            ),
+            'PromoteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteModel,
+                    request_deserializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.PromoteModelRequest.FromString,
                     response_serializer=protos_dot_onehop_dot_v1_dot_trainer__pb2.ModelInfo.SerializeToString,
             ),
     }
@@ -343,6 +361,33 @@ class Trainer:
             target,
             '/onehop.v1.Trainer/GetModel',
             protos_dot_onehop_dot_v1_dot_trainer__pb2.GetModelRequest.SerializeToString,
+            protos_dot_onehop_dot_v1_dot_trainer__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onehop.v1.Trainer/PromoteModel',
+            protos_dot_onehop_dot_v1_dot_trainer__pb2.PromoteModelRequest.SerializeToString,
             protos_dot_onehop_dot_v1_dot_trainer__pb2.ModelInfo.FromString,
             options,
             channel_credentials,

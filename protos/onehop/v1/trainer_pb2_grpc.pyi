@@ -38,6 +38,10 @@ class TrainerStub:
     ListJobs: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ListJobsRequest, _trainer_pb2.ListJobsResponse]
     ListModels: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ListModelsRequest, _trainer_pb2.ListModelsResponse]
     GetModel: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetModelRequest, _trainer_pb2.ModelInfo]
+    PromoteModel: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.PromoteModelRequest, _trainer_pb2.ModelInfo]
+    """Make a registered version the serving one (checked to load first); `pin` keeps it
+    serving when later jobs register newer versions.
+    """
 
 @_typing.type_check_only
 class TrainerAsyncStub(TrainerStub):
@@ -49,6 +53,10 @@ class TrainerAsyncStub(TrainerStub):
     ListJobs: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListJobsRequest, _trainer_pb2.ListJobsResponse]  # type: ignore[assignment]
     ListModels: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListModelsRequest, _trainer_pb2.ListModelsResponse]  # type: ignore[assignment]
     GetModel: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetModelRequest, _trainer_pb2.ModelInfo]  # type: ignore[assignment]
+    PromoteModel: _aio.UnaryUnaryMultiCallable[_trainer_pb2.PromoteModelRequest, _trainer_pb2.ModelInfo]  # type: ignore[assignment]
+    """Make a registered version the serving one (checked to load first); `pin` keeps it
+    serving when later jobs register newer versions.
+    """
 
 class TrainerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -99,5 +107,15 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         request: _trainer_pb2.GetModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.ModelInfo, _abc.Awaitable[_trainer_pb2.ModelInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def PromoteModel(
+        self,
+        request: _trainer_pb2.PromoteModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.ModelInfo, _abc.Awaitable[_trainer_pb2.ModelInfo]]:
+        """Make a registered version the serving one (checked to load first); `pin` keeps it
+        serving when later jobs register newer versions.
+        """
 
 def add_TrainerServicer_to_server(servicer: TrainerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -4,12 +4,16 @@ sitting: 64 concurrent clients each sending single-row requests back to back, to
 - a `--hidden 1024,1024` model (a single-row forward costs ~0.2 ms or more on a CPU):
   throughput with the dynamic batcher vs with batching off (goal >= 3x), and the p99
   latency with batching vs its bound: max queue delay + one 64-row batch forward + the RPC
-  overhead (a lone request's latency minus its forward pass);
+  overhead (a lone request's latency minus its forward pass, with batching off: with it
+  on, a lone request also waits out the queue delay, already in the bound);
 - the seed model (`--hidden 64`), the same figures, where the RPC dominates: the
   conditions say where the time goes (forward of one row, of a 64-row batch, the RPC).
 
 Each arm is a trainer process (`--role serve`) started by `onehop.launcher.Mesh` with its
-batching settings; the clients are grpc.aio in this process.
+batching settings ("off" is the same server with max batch size 1); the clients are
+grpc.aio coroutines on one channel in this process, sending a pre-encoded request and
+taking the answer's bytes (checked once), so the client spends little CPU of its own. Each
+figure also says where the CPU went: the server's and the client's CPU seconds per request.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 
 from onehop.benchmark import BenchContext, Figure, run_standalone
@@ -28,7 +33,6 @@ from onehop.channels import aio_channel
 from onehop.launcher import SERVICES, Mesh
 from onehop.settings import Settings
 from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc
 from trainer_service.model import ModelSpec, Preprocessing
 from trainer_service.registry import Registry
 from trainer_service.training import build_model
@@ -63,38 +67,56 @@ def forward_seconds(registry: Registry, name: str, rows: int, repeats: int = 200
     return statistics.median(times)
 
 
-def request(name: str, row: np.ndarray) -> pb.ModelInferRequest:
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def request(name: str, row: np.ndarray) -> bytes:
+    """An encoded single-row ModelInfer request (raw little-endian FP32, as tritonclient)."""
     message = pb.ModelInferRequest(model_name=name)
     message.inputs.add(name="input", datatype="FP32", shape=[1, FEATURES])
     message.raw_input_contents.append(row.astype("<f4").tobytes())
-    return message
+    return message.SerializeToString()
 
 
-async def load(address: str, settings: Settings, name: str, clients: int, seconds: float) -> dict:
-    """`clients` concurrent loops of single-row requests for `seconds`: the completed count
-    and every latency."""
+async def load(
+    address: str, settings: Settings, name: str, clients: int, seconds: float, server: int
+) -> dict:
+    """`clients` concurrent loops of single-row requests for `seconds`: the throughput,
+    every latency, and the CPU seconds per request of the server (process `server`) and of
+    this client."""
     rows = np.random.default_rng(0).standard_normal((clients, FEATURES), dtype=np.float32)
+    messages = [request(name, row) for row in rows]
     latencies: list[float] = []
     async with aio_channel(address, settings) as channel:
-        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        for i in range(clients):  # warm the connection and the model
-            await stub.ModelInfer(request(name, rows[i]), timeout=30)
+        # Bytes in, bytes out: the client neither encodes nor decodes per call.
+        infer = channel.unary_unary(MODEL_INFER)
+        for message in messages:  # warm the connection and the model; check the answers
+            reply = pb.ModelInferResponse.FromString(await infer(message, timeout=30))
+            assert reply.model_name == name and len(reply.raw_output_contents) == 1
         stop = time.perf_counter() + seconds
 
-        async def client(i: int) -> None:
-            message = request(name, rows[i])
+        async def client(message: bytes) -> None:
             while time.perf_counter() < stop:
                 start = time.perf_counter()
-                await stub.ModelInfer(message, timeout=30)
+                await infer(message, timeout=30)
                 latencies.append(time.perf_counter() - start)
 
+        process = psutil.Process(server)
+        server_cpu, client_cpu = sum(process.cpu_times()[:2]), time.process_time()
         started = time.perf_counter()
-        await asyncio.gather(*(client(i) for i in range(clients)))
+        await asyncio.gather(*(client(message) for message in messages))
         elapsed = time.perf_counter() - started
-    return {"throughput": len(latencies) / elapsed, "latencies": latencies}
+        server_cpu = sum(process.cpu_times()[:2]) - server_cpu
+        client_cpu = time.process_time() - client_cpu
+    return {
+        "throughput": len(latencies) / elapsed,
+        "latencies": latencies,
+        "server_cpu_per_request": server_cpu / len(latencies),
+        "client_cpu_per_request": client_cpu / len(latencies),
+    }
 
 
-def serve(ctx: BenchContext, max_batch: int) -> tuple[Mesh, Settings, str]:
+def serve(ctx: BenchContext, max_batch: int) -> tuple[Mesh, Settings, str, int]:
     data_dir = ctx.workdir / "serve"
     settings = Settings(data_dir=data_dir, log_level="WARNING")
     env = {
@@ -105,7 +127,7 @@ def serve(ctx: BenchContext, max_batch: int) -> tuple[Mesh, Settings, str]:
     services = tuple(s for s in SERVICES if s.name == "trainer")
     mesh = Mesh(settings, say=lambda _line: None, services=services, env=env)
     endpoints = mesh.start()
-    return mesh, settings, endpoints["trainer"]["grpc"]
+    return mesh, settings, endpoints["trainer"]["grpc"], mesh.children["trainer"].process.pid
 
 
 def p99(latencies: list[float]) -> float:
@@ -114,22 +136,23 @@ def p99(latencies: list[float]) -> float:
 
 def run(ctx: BenchContext) -> list[Figure]:
     """Serving: dynamic batching vs off, 64 concurrent single-row clients, two models."""
-    seconds = 1.5 if ctx.quick else 10.0
+    seconds, lone_seconds, repeats = (0.8, 0.3, 100) if ctx.quick else (10.0, 2.0, 500)
     registry = register_models(ctx.workdir / "serve")
     forward = {
-        name: {rows: forward_seconds(registry, name, rows) for rows in (1, MAX_BATCH)}
+        name: {rows: forward_seconds(registry, name, rows, repeats) for rows in (1, MAX_BATCH)}
         for name in MODELS
     }
     results: dict[str, dict[str, Any]] = {}
     for label, max_batch in (("on", MAX_BATCH), ("off", 1)):
-        mesh, settings, address = serve(ctx, max_batch)
+        mesh, settings, address, pid = serve(ctx, max_batch)
         try:
             for name in MODELS:
-                lone = asyncio.run(load(address, settings, name, 1, seconds / 2))
-                results[f"{name}.{label}"] = {
-                    **asyncio.run(load(address, settings, name, CLIENTS, seconds)),
-                    "lone_p50": statistics.median(lone["latencies"]),
-                }
+                results[f"{name}.{label}"] = asyncio.run(
+                    load(address, settings, name, CLIENTS, seconds, pid)
+                )
+                if label == "off":
+                    lone = asyncio.run(load(address, settings, name, 1, lone_seconds, pid))
+                    results[f"{name}.{label}"]["lone_p50"] = statistics.median(lone["latencies"])
         finally:
             mesh.stop()
     figures = []
@@ -137,7 +160,7 @@ def run(ctx: BenchContext) -> list[Figure]:
         on, off = results[f"{name}.on"], results[f"{name}.off"]
         ctx.record(f"serving.latency_ms.{name}.batching", [v * 1e3 for v in on["latencies"]])
         ctx.record(f"serving.latency_ms.{name}.no_batching", [v * 1e3 for v in off["latencies"]])
-        rpc = max(on["lone_p50"] - forward[name][1], 0.0)
+        rpc = max(off["lone_p50"] - forward[name][1], 0.0)
         bound = QUEUE_DELAY_MS / 1e3 + forward[name][MAX_BATCH] + rpc
         where = {
             "hidden": list(hidden),
@@ -146,7 +169,12 @@ def run(ctx: BenchContext) -> list[Figure]:
             "max_queue_delay_ms": QUEUE_DELAY_MS,
             "forward_1_row_ms": forward[name][1] * 1e3,
             f"forward_{MAX_BATCH}_rows_ms": forward[name][MAX_BATCH] * 1e3,
+            # What batching can win at most: the forward's cost per row, alone vs batched.
+            "in_process_batching_gain": forward[name][1] * MAX_BATCH / forward[name][MAX_BATCH],
             "rpc_overhead_ms": rpc * 1e3,
+            "server_cpu_us_per_request_batching": on["server_cpu_per_request"] * 1e6,
+            "server_cpu_us_per_request_no_batching": off["server_cpu_per_request"] * 1e6,
+            "client_cpu_us_per_request": on["client_cpu_per_request"] * 1e6,
             "p50_ms_batching": statistics.median(on["latencies"]) * 1e3,
             "p99_ms_no_batching": p99(off["latencies"]) * 1e3,
         }

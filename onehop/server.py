@@ -5,6 +5,7 @@ onehop process. The HTTP and Flight fronts take their TLS and auth settings from
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import os
@@ -294,6 +295,11 @@ def run_service(service: str, start: Callable[[Settings], Any]) -> None:
 async def serve_forever(service: str, settings: Settings, start: Callable[[Settings], Any]) -> None:
     """`python -m <service>`: start, announce, wait for SIGINT/SIGTERM, drain, withdraw."""
     running: Running = await start(settings)
+    # What start built lives as long as the process (modules, models, servers): out of the
+    # collector's sight, a full collection no longer walks it (~200 ms on a 2-core machine,
+    # a stall of every request in flight).
+    gc.collect()
+    gc.freeze()
     announce(settings, service, running.endpoints)
     try:
         await wait_for_shutdown()

@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     trainer_max_batch_size: int = Field(64, ge=1, le=65_536)
     trainer_max_queue_delay_ms: float = Field(2.0, ge=0)
     trainer_max_queue: int = Field(1024, ge=1)
+    # Batches of one model computing at once (Triton's instance count).
+    trainer_batch_instances: int = Field(1, ge=1, le=64)
+    # How often an inference replica re-reads the shared model registry for versions and
+    # promotions that other processes (a training Job, a role "train" trainer) wrote there.
+    trainer_registry_refresh_seconds: float = Field(2.0, gt=0)
     # torch intra-op threads of the trainer; 0 = OMP_NUM_THREADS, else one per core but one.
     trainer_torch_threads: int = Field(0, ge=0, le=1024)
 

@@ -3,10 +3,16 @@
 `Predictor.predict` is synchronous torch work; async callers go through `Batcher`, which
 stacks concurrent requests for the same model into one forward pass (Triton's dynamic
 batcher: a maximum batch size, a maximum queue delay, a bounded queue) and splits the
-answers back. Version 0 follows the registry's serving pointer on every batch, so a newly
-promoted version serves without a restart: it is loaded and warmed by the first batch that
-sees it, the requests already queued wait for it and none is dropped. If that version
-cannot be loaded, the last good serving version keeps answering.
+answers back.
+
+Version 0 is the registry's serving version, looked up in memory on the request path.
+`Predictor.refresh` (the server runs it every few seconds) re-reads the registry, which other
+processes may write (a training Job, a trainer with role "train"): a newly promoted version
+is loaded and warmed there, off the request path, then swapped in; the requests in flight
+finish on the old one and none is dropped. A model or version the predictor has not seen is
+looked up on disk when first asked for, and a register or promotion through this process's
+own Registry is followed at once. If a promoted version cannot be loaded, the last good
+serving version keeps answering.
 """
 
 from __future__ import annotations
@@ -67,7 +73,9 @@ class Predictor:
         self.device = device or select_device()
         self._max_loaded = max_loaded
         self._loaded: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
-        self._last_serving: dict[str, LoadedModel] = {}
+        # Per model: the version that answers version 0, and the registry generation it
+        # was read at. Replaced whole (one dict store), so a reader sees old or new.
+        self._serving: dict[str, tuple[LoadedModel, int]] = {}
         self._failed: dict[tuple[str, int], tuple[float, OnehopError]] = {}
         self._lock = threading.Lock()
 
@@ -78,25 +86,46 @@ class Predictor:
         are corrupt (unless version 0 was asked and an earlier serving version is loaded).
         """
         if version:
-            return self._load(name, self.registry.resolve(name, version))
-        serving = self.registry.serving_version(name)
+            return self._load(name, version)
+        serving = self._serving.get(name)
+        if serving is not None and serving[1] == self.registry.generation:
+            return serving[0]
+        return self._follow(name)
+
+    def refresh(self) -> None:
+        """Re-read the registry: load and warm each model's serving version if it changed
+        (or the model is new), then swap it in. A version that does not load was logged
+        when it was tried; the old one keeps serving."""
+        for name in self.registry.names():
+            serving = self._serving.get(name)
+            try:
+                version = self.registry.serving_version(name)
+                if serving is None or serving[0].record.version != version:
+                    self._follow(name)
+            except FailedPrecondition:
+                continue
+            except OnehopError as exc:  # e.g. removed meanwhile
+                log.warning("model %s: %s", name, exc.message)
+
+    def _follow(self, name: str) -> LoadedModel:
+        """The serving version of `name` as the registry names it now, loaded."""
+        generation = self.registry.generation
+        version = self.registry.serving_version(name)
+        previous = self._serving.get(name)
         try:
-            model = self._load(name, serving)
+            model = self._load(name, version)
         except FailedPrecondition:
-            previous = self._last_serving.get(name)
             if previous is None:
                 raise
-            log.warning(
-                "model %s version %d does not load; still serving version %d",
-                name,
-                serving,
-                previous.record.version,
-            )
-            return previous
-        self._last_serving[name] = model
+            model = previous[0]
+        if previous is None or previous[0] is not model:
+            log.info("model %s: serving version %d", name, model.record.version)
+        self._serving[name] = (model, generation)
         return model
 
     def _load(self, name: str, version: int) -> LoadedModel:
+        """Version `version` (> 0) loaded and warmed. Loading happens outside the lock, so a
+        version being loaded does not hold up requests for those already loaded."""
         key = (name, version)
         with self._lock:
             model = self._loaded.get(key)
@@ -106,20 +135,23 @@ class Predictor:
             failed = self._failed.get(key)
             if failed and time.monotonic() - failed[0] < _RETRY_FAILED_AFTER_SECONDS:
                 raise failed[1]
-            try:
-                record = self.registry.record(name, version)
-                module = self.registry.load_model(record, self.device)
-            except FailedPrecondition as exc:
+        try:
+            record = self.registry.record(name, version)
+            model = LoadedModel(record, self.registry.load_model(record, self.device))
+        except FailedPrecondition as exc:
+            with self._lock:
                 self._failed[key] = (time.monotonic(), exc)
-                raise
+            log.warning("model %s version %d does not load: %s", name, version, exc.message)
+            raise
+        _warm(model, self.device)
+        with self._lock:
             self._failed.pop(key, None)
-            model = LoadedModel(record, module)
-            _warm(model, self.device)
-            self._loaded[key] = model
+            model = self._loaded.setdefault(key, model)  # a concurrent load may have won
+            self._loaded.move_to_end(key)
             while len(self._loaded) > self._max_loaded:
                 self._loaded.popitem(last=False)
-            log.info("loaded model %s version %d on %s", name, version, self.device)
-            return model
+        log.info("loaded model %s version %d on %s", name, version, self.device)
+        return model
 
     def predict(self, name: str, version: int, x: np.ndarray) -> tuple[np.ndarray, int, str]:
         """The model's answers float32 [n, k] for RAW features `x` float32 [n, n_features]
@@ -136,7 +168,9 @@ class Predictor:
     def forward(self, model: LoadedModel, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """One forward pass over the inputs stacked, split back per input."""
         sizes = [len(x) for x in inputs]
-        stacked = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
+        stacked = np.concatenate(inputs) if len(inputs) > 1 else inputs[0]
+        if not stacked.flags.writeable:  # a view of request bytes; torch wants its own
+            stacked = stacked.copy()
         if len(stacked) == 0:
             out = np.empty((0, model.output[1]), dtype=np.float32)
         else:
@@ -147,7 +181,7 @@ class Predictor:
     def close(self) -> None:
         with self._lock:
             self._loaded.clear()
-            self._last_serving.clear()
+            self._serving.clear()
 
 
 def _warm(model: LoadedModel, device: torch.device) -> None:
@@ -175,11 +209,15 @@ def check_input(model: LoadedModel, x: np.ndarray) -> np.ndarray:
 class BatchingConfig:
     """`max_batch_size` rows per forward pass (1 = batching off), `max_queue_delay` seconds
     a batch waits for more requests once its first one arrived, `max_queue` requests
-    waiting per model before new ones are refused (RESOURCE_EXHAUSTED)."""
+    waiting per model before new ones are refused (RESOURCE_EXHAUSTED), `instances` batches
+    of one model computing at once (Triton's instance count; more than one helps where
+    forward passes can run side by side, e.g. spare cores; on 2 busy cores one batched as
+    well or better)."""
 
     max_batch_size: int = 64
     max_queue_delay: float = 0.002
     max_queue: int = 1024
+    instances: int = 1
 
 
 @dataclass
@@ -204,6 +242,7 @@ class _Lane:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     full: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    running: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 @dataclass
@@ -217,7 +256,8 @@ class BatchStats:
 
 class Batcher:
     """Stacks concurrent requests for one model into one forward pass (asyncio, one task per
-    model lane; the forward pass runs on a worker thread while the next batch gathers).
+    model lane; forward passes run on worker threads, up to `instances` at once, while the
+    next batch gathers).
 
     A request waiting past its deadline is dropped before it is computed
     (DEADLINE_EXCEEDED); a full lane refuses new requests (RESOURCE_EXHAUSTED).
@@ -258,10 +298,13 @@ class Batcher:
     async def _serve(self, name: str, version: int, lane: _Lane) -> None:
         loop = asyncio.get_running_loop()
         limit = self.config.max_batch_size
+        instances = asyncio.Semaphore(self.config.instances)
         while True:
             while not lane.pending:
                 lane.wake.clear()
                 await lane.wake.wait()
+            # Requests keep gathering while every instance computes.
+            await instances.acquire()
             # Wait for a full batch, at most max_queue_delay after the oldest request came.
             left = lane.pending[0].arrived + self.config.max_queue_delay - loop.time()
             if lane.rows < limit and left > 0:
@@ -287,8 +330,13 @@ class Batcher:
                     )
                     continue
                 live.append(request)
-            if live:
-                await self._run(name, version, live)
+            if not live:
+                instances.release()
+                continue
+            task = loop.create_task(self._run(name, version, live))
+            lane.running.add(task)
+            task.add_done_callback(lane.running.discard)
+            task.add_done_callback(lambda _: instances.release())
 
     async def _run(self, name: str, version: int, batch: list[_Request]) -> None:
         try:
@@ -335,4 +383,19 @@ class Batcher:
             for request in lane.pending:
                 if not request.future.done():
                     request.future.set_exception(Unavailable("the trainer is shutting down"))
+        # Batches already computing finish and answer.
+        running = [task for lane in self._lanes.values() for task in lane.running]
+        await asyncio.gather(*running, return_exceptions=True)
         self._lanes.clear()
+        stats = self.stats
+        if stats.batches:
+            log.info(
+                "batcher: %d requests, %d rows in %d batches (%.1f rows each); "
+                "%d expired, %d refused",
+                stats.requests,
+                stats.rows,
+                stats.batches,
+                stats.rows / stats.batches,
+                stats.expired,
+                stats.rejected,
+            )

@@ -63,7 +63,8 @@ def decode_input(request: pb.ModelInferRequest) -> tuple[np.ndarray, bool]:
             raise InvalidArgument(
                 f"input {INPUT!r}: {len(raw[0])} bytes do not hold FP32 {shape} ({4 * count} bytes)"
             )
-        return np.frombuffer(raw[0], dtype="<f4").reshape(shape).astype(np.float32), True
+        # A read-only view of the request's bytes: the batcher's stacking is the one copy.
+        return np.frombuffer(raw[0], dtype="<f4").reshape(shape), True
     values = tensor.contents.fp32_contents
     if len(values) != count:
         raise InvalidArgument(
@@ -142,7 +143,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         response.parameters[DIGEST_PARAMETER].string_param = digest
         output = response.outputs.add(name=output_name, datatype="FP32", shape=[len(out), width])
         if raw:
-            response.raw_output_contents.append(out.astype("<f4").tobytes())
+            response.raw_output_contents.append(np.ascontiguousarray(out, "<f4").tobytes())
         else:
             output.contents.fp32_contents.extend(out.reshape(-1).tolist())
         return response

@@ -11,11 +11,16 @@ Layout under the registry root::
 A version is written to a temporary directory, fsynced and renamed into place, so a reader
 sees either a whole version or none; CURRENT is replaced the same way (write, fsync,
 rename). A process killed mid-write leaves only a `.tmp-*` directory, which nothing reads
-and the next Registry removes.
+and the next writing Registry removes. The directory may be shared (a volume on
+Kubernetes): serve-only replicas read it while a training Job's rank 0 or a trainer with
+role "train" writes; two writers that pick the same next version number do not overwrite
+each other (the second rename fails and it takes the next number).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -117,14 +122,26 @@ def file_digest(path: Path) -> str:
     return sha.hexdigest()
 
 
-class Registry:
-    """Registered models under one directory. Thread-safe; one writer process."""
+# Versions a register tries before giving up on a directory that other writers keep filling.
+_REGISTER_ATTEMPTS = 16
 
-    def __init__(self, root: Path):
+
+class Registry:
+    """Registered models under one directory. Thread-safe; readers in other processes see
+    only whole versions.
+
+    `clean_up`: remove what interrupted registers left (a writer's start); a serve-only
+    replica passes False, since a `.tmp-*` there may be another process's write in progress.
+    `generation` counts this object's own registers and promotions, so a reader in the same
+    process (the predictor) notices them at once instead of at its next re-scan.
+    """
+
+    def __init__(self, root: Path, clean_up: bool = True):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        for leftover in self.root.glob("*/.tmp-*"):
+        self.generation = 0
+        for leftover in self.root.glob("*/.tmp-*") if clean_up else ():
             log.warning("removing %s, left by an interrupted register", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
 
@@ -146,10 +163,9 @@ class Registry:
         model_dir = self.root / name
         with self._lock:
             model_dir.mkdir(parents=True, exist_ok=True)
-            version = max(self._versions(name), default=0) + 1
             tmp = model_dir / f".tmp-{uuid.uuid4().hex}"
             try:
-                with disk_errors(f"model {name!r} version {version}"):
+                with disk_errors(f"model {name!r}"):
                     tmp.mkdir()
                     weights = tmp / WEIGHTS
                     save_file(model.weights(), str(weights), metadata={"format": str(FORMAT)})
@@ -158,7 +174,7 @@ class Registry:
                     pre = model.preprocessing
                     record = ModelRecord(
                         name=name,
-                        version=version,
+                        version=0,
                         spec=model.spec,
                         features=pre.features,
                         target=target,
@@ -172,21 +188,39 @@ class Registry:
                         metrics=dict(metrics or {}),
                         created=time.time(),
                     )
-                    meta = json.dumps(record.to_json(), indent=2).encode()
-                    with (tmp / META).open("wb") as f:
-                        f.write(meta)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    fsync_dir(tmp)
-                    tmp.rename(model_dir / str(version))
-                    fsync_dir(model_dir)
+                    record = self._publish(tmp, record)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             if promote and not self.pinned(name):
-                self._write_current(name, version)
-        log.info("registered model %s version %d (%s)", name, version, record.weights_digest)
+                self._write_current(name, record.version)
+            self.generation += 1
+        log.info("registered model %s version %d (%s)", name, record.version, record.weights_digest)
         return record
+
+    def _publish(self, tmp: Path, record: ModelRecord) -> ModelRecord:
+        """Rename the written version `tmp` to the next free number, with model.json naming
+        it. Another process may take a number first: its rename wins (a version directory is
+        never empty, so a rename onto it fails) and this one tries the next."""
+        model_dir = tmp.parent
+        for _ in range(_REGISTER_ATTEMPTS):
+            version = max(self._versions(record.name), default=0) + 1
+            record = dataclasses.replace(record, version=version)
+            meta = json.dumps(record.to_json(), indent=2).encode()
+            with (tmp / META).open("wb") as f:
+                f.write(meta)
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(tmp)
+            try:
+                tmp.rename(model_dir / str(version))
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                continue
+            fsync_dir(model_dir)
+            return record
+        raise OSError(errno.EEXIST, f"no free version number after {_REGISTER_ATTEMPTS} tries")
 
     def promote(self, name: str, version: int, pin: bool = False) -> ModelRecord:
         """Point CURRENT at `version` after checking that it loads; a corrupt version is
@@ -202,6 +236,7 @@ class Registry:
             elif pinned.exists():
                 pinned.unlink()
                 fsync_dir(pinned.parent)
+            self.generation += 1
         log.info("model %s version %d serving%s", name, record.version, " (pinned)" if pin else "")
         return record
 

@@ -3,17 +3,19 @@ health on `settings.trainer_grpc_port` — SERVING once the registry is open and
 model's serving version is loaded and warmed.
 
 `settings.trainer_role` splits the roles: "serve" replicas answer inference (job RPCs say
-UNAVAILABLE), "train" replicas run jobs (no inference service), "all" does both.
+UNAVAILABLE), "train" replicas run jobs (no inference service), "all" does both. Replicas
+that serve re-read the registry every `trainer_registry_refresh_seconds`, so versions and
+promotions written by other processes sharing the directory serve without a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 
 from onehop.dataplane import DataClient
-from onehop.errors import OnehopError
 from onehop.server import GrpcServer, Running
 from onehop.settings import Settings
 from protos.inference import grpc_service_pb2_grpc
@@ -28,14 +30,15 @@ from trainer_service.servicer import TrainerServicer
 log = logging.getLogger(__name__)
 
 
-def preload(predictor: Predictor) -> None:
-    """Load and warm every model's serving version, so the first request finds it ready; a
-    model that does not load is logged and left to fail its own requests."""
-    for name in predictor.registry.names():
+async def follow_registry(predictor: Predictor, interval: float) -> None:
+    """Every `interval` seconds, load and swap in what other processes registered or
+    promoted (off the event loop); a failed round is logged and the next one tries again."""
+    while True:
+        await asyncio.sleep(interval)
         try:
-            predictor.get(name)
-        except OnehopError as exc:
-            log.warning("model %s not loaded at start: %s", name, exc.message)
+            await asyncio.to_thread(predictor.refresh)
+        except Exception:
+            log.exception("re-reading the model registry failed")
 
 
 def recover(jobs: JobManager) -> None:
@@ -57,10 +60,11 @@ async def start(settings: Settings) -> Running:
     set), one DataClient per job.
     """
     root = settings.service_dir("trainer")
-    registry = await asyncio.to_thread(Registry, root / "registry")
+    role = settings.trainer_role
+    # A serve-only replica shares the directory with writers: their writes in progress stay.
+    registry = await asyncio.to_thread(Registry, root / "registry", role != "serve")
     device = select_device()
     threads = configure_threads(settings.trainer_torch_threads)
-    role = settings.trainer_role
     jobs = None
     if role in ("all", "train"):
         jobs = JobManager(
@@ -87,6 +91,7 @@ async def start(settings: Settings) -> Running:
                 max_batch_size=settings.trainer_max_batch_size,
                 max_queue_delay=settings.trainer_max_queue_delay_ms / 1000.0,
                 max_queue=settings.trainer_max_queue,
+                instances=settings.trainer_batch_instances,
             ),
         )
         server.add(
@@ -97,7 +102,8 @@ async def start(settings: Settings) -> Running:
     try:
         await server.start()
         if predictor is not None:
-            await asyncio.to_thread(preload, predictor)
+            # Every model's serving version loaded and warmed before the first request.
+            await asyncio.to_thread(predictor.refresh)
     except BaseException:
         await server.stop()
         if jobs is not None:
@@ -108,6 +114,11 @@ async def start(settings: Settings) -> Running:
     # Jobs a previous run left unfinished continue from their checkpoints; off the start
     # path, since validating them asks the data plane.
     recovering = asyncio.create_task(asyncio.to_thread(recover, jobs)) if jobs else None
+    following = (
+        asyncio.create_task(follow_registry(predictor, settings.trainer_registry_refresh_seconds))
+        if predictor is not None
+        else None
+    )
     log.info(
         "trainer (role %s): grpc %s, device %s, %d torch threads, registry %s",
         role,
@@ -120,6 +131,10 @@ async def start(settings: Settings) -> Running:
     async def stop() -> None:
         nonlocal ready
         ready = False
+        if following is not None:
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await following
         await server.stop()
         if recovering is not None:
             await asyncio.wait({recovering}, timeout=settings.grace_seconds)

@@ -1,9 +1,17 @@
-"""The trainer in-process on port 0: training over a real shard service, then OIP inference."""
+"""The trainer in-process on port 0: training over a real shard service, then OIP inference;
+and two trainer processes, one training and one serving, sharing a registry directory."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -77,7 +85,7 @@ async def mesh(settings: Settings) -> AsyncIterator[Settings]:
 @pytest.fixture
 async def trainer(settings: Settings) -> AsyncIterator[Settings]:
     """A trainer alone (no shard service): registry, OIP and job bookkeeping."""
-    running = await start(settings)
+    running = await start(settings.model_copy(update={"trainer_registry_refresh_seconds": 0.2}))
     try:
         yield settings.model_copy(update={"trainer_address": running.endpoints["grpc"]})
     finally:
@@ -219,9 +227,13 @@ async def test_oip_surface_and_errors_without_a_data_plane(trainer: Settings) ->
         x = np.array([[1.0, -2.0], [3.0, 0.0]], np.float32)
         reply = await oip.ModelInfer(infer_request(x, raw=True), timeout=5)
         assert reply.parameters["onehop-weights-digest"].string_param == first
-        # A newly registered version serves at once, with its own digest.
+        # A version another writer registers serves by the next re-scan, with its digest;
+        # asked for by number, at once.
         second = register(trainer, "risk", seed=1)
-        reply = await oip.ModelInfer(infer_request(x, raw=True), timeout=5)
+        explicit = infer_request(x, raw=True)
+        explicit.model_version = "2"
+        assert (await oip.ModelInfer(explicit, timeout=5)).model_version == "2"
+        reply = await answering(oip, infer_request(x, raw=True), "2")
         assert reply.model_version == "2"
         assert reply.parameters["onehop-weights-digest"].string_param == second
         pinned = infer_request(x, raw=False)
@@ -335,3 +347,142 @@ async def test_a_serve_replica_batches_promotes_and_refuses_jobs(settings: Setti
             assert "only serves" in error.value.details()
     finally:
         await running.stop()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def trainer_process(data_dir: Path, role: str, **env: str) -> subprocess.Popen:
+    """`python -m trainer_service --role ROLE` on port 0, settings from ONEHOP_* variables."""
+    variables = {f"ONEHOP_{key.upper()}": value for key, value in env.items()}
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer_service", "--role", role],
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            "ONEHOP_DATA_DIR": str(data_dir),
+            "ONEHOP_LOG_LEVEL": "WARNING",
+            **variables,
+        },
+    )
+
+
+def address_of(child: subprocess.Popen, data_dir: Path, timeout: float = 60.0) -> str:
+    """The gRPC address the child announces once it is SERVING (its run file)."""
+    path = data_dir / "run" / "trainer.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert child.poll() is None, f"the trainer exited with {child.returncode}"
+        if path.exists():
+            return str(json.loads(path.read_text())["endpoints"]["grpc"])
+        time.sleep(0.05)
+    raise AssertionError(f"no trainer announced itself in {data_dir}")
+
+
+@pytest.fixture
+def shared_registry(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """Two data directories whose trainer/registry is one directory, as a shared volume
+    mounted into a training pod and a serving pod."""
+    shared = tmp_path / "shared-registry"
+    shared.mkdir()
+    dirs = (tmp_path / "train-pod", tmp_path / "serve-pod")
+    for data_dir in dirs:
+        (data_dir / "trainer").mkdir(parents=True)
+        (data_dir / "trainer" / "registry").symlink_to(shared, target_is_directory=True)
+    yield dirs
+
+
+async def answering(
+    oip: grpc_service_pb2_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest, want: str
+) -> pb.ModelInferResponse:
+    """Infer until the replica answers with version `want` (it re-reads the registry on an
+    interval), or 30 s passed; the last answer."""
+    deadline = time.monotonic() + 30
+    while True:
+        reply = await oip.ModelInfer(request, timeout=10)
+        if reply.model_version == want or time.monotonic() > deadline:
+            return reply
+        await asyncio.sleep(0.05)
+
+
+async def answering_version(oip: grpc_service_pb2_grpc.GRPCInferenceServiceStub, want: str) -> str:
+    rows = np.random.default_rng(1).normal(size=(1, len(FEATURES))).astype(np.float32)
+    return (await answering(oip, infer_request(rows, raw=True), want)).model_version
+
+
+@pytest.mark.timeout(120)
+async def test_a_serve_process_follows_what_a_train_process_registers_and_promotes(
+    settings: Settings, shared_registry: tuple[Path, Path]
+) -> None:
+    from shard_service.server import start as start_shard
+
+    shard = await start_shard(settings.model_copy(update={"default_shards": 2}))
+    train_dir, serve_dir = shared_registry
+    children = [
+        trainer_process(train_dir, "train", shard_address=shard.endpoints["flight"]),
+        trainer_process(serve_dir, "serve", trainer_registry_refresh_seconds="0.2"),
+    ]
+    try:
+        await asyncio.to_thread(ingest, shard.endpoints["flight"], "loans", loans())
+        train_address, serve_address = await asyncio.gather(
+            asyncio.to_thread(address_of, children[0], train_dir),
+            asyncio.to_thread(address_of, children[1], serve_dir),
+        )
+        async with (
+            aio_channel(train_address, settings) as train_channel,
+            aio_channel(serve_address, settings) as serve_channel,
+        ):
+            trainer = trainer_pb2_grpc.TrainerStub(train_channel)
+            oip = grpc_service_pb2_grpc.GRPCInferenceServiceStub(serve_channel)
+            ready = await oip.ModelReady(pb.ModelReadyRequest(name="risk"), timeout=5)
+            assert not ready.ready  # nothing registered yet
+
+            async def train(seed: int) -> int:
+                job = await trainer.StartJob(
+                    trainer_pb2.StartJobRequest(
+                        dataset="loans",
+                        target="default",
+                        model_name="risk",
+                        features=FEATURES,
+                        hyperparameters=trainer_pb2.Hyperparameters(epochs=1, seed=seed),
+                    ),
+                    timeout=10,
+                )
+                *_, final = [
+                    status
+                    async for status in trainer.WatchJob(
+                        trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=60
+                    )
+                ]
+                assert final.state == trainer_pb2.JOB_STATE_SUCCEEDED, final.message
+                return int(final.model_version)
+
+            # A model the serve replica has never seen: found on its first request.
+            assert await train(seed=1) == 1
+            assert (await oip.ModelReady(pb.ModelReadyRequest(name="risk"), timeout=5)).ready
+            assert await answering_version(oip, "1") == "1"
+            # A newer version, promoted by the other process, replaces it without a restart.
+            assert await train(seed=2) == 2
+            assert await answering_version(oip, "2") == "2"
+            await trainer.PromoteModel(
+                trainer_pb2.PromoteModelRequest(name="risk", version=1, pin=True), timeout=5
+            )
+            assert await answering_version(oip, "1") == "1"
+            # The answer is version 1's own weights, whole (digest-checked on load).
+            registry = Registry(serve_dir / "trainer" / "registry", clean_up=False)
+            reply = await oip.ModelInfer(
+                infer_request(np.zeros((1, 3), np.float32), raw=True), timeout=5
+            )
+            digest = reply.parameters["onehop-weights-digest"].string_param
+            assert digest == registry.record("risk", 1).weights_digest
+            assert all(child.poll() is None for child in children)  # neither restarted
+    finally:
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        await shard.stop()

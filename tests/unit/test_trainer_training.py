@@ -287,6 +287,7 @@ def test_a_pickle_registered_as_weights_is_refused_and_the_old_version_serves(
     with pytest.raises(FailedPrecondition):
         registry.promote("risk", 2)
     (tmp_path / "risk" / "CURRENT").write_text("2\n")  # promoted behind our back
+    predictor.refresh()  # what the server's re-scan does: tries version 2, keeps 1
     after = predictor.predict("risk", 0, x)
     assert not sentinel.exists()
     assert after[1] == 1 and np.array_equal(after[0], before[0])
@@ -316,6 +317,49 @@ def test_a_registry_removes_what_an_interrupted_register_left(tmp_path: Path) ->
     reopened = Registry(tmp_path)
     assert not partial.exists()
     assert reopened.versions("risk") == [1] and reopened.serving_version("risk") == 1
+
+
+def test_a_reader_registry_leaves_writes_in_progress_alone(tmp_path: Path) -> None:
+    Registry(tmp_path).register("risk", build_model(ModelSpec.resolve([4]), _pre(), 0), target="y")
+    in_progress = tmp_path / "risk" / ".tmp-another-writer"
+    in_progress.mkdir()
+    reader = Registry(tmp_path, clean_up=False)
+    assert in_progress.exists() and reader.versions("risk") == [1]
+
+
+def test_writers_in_two_processes_never_take_the_same_version(tmp_path: Path) -> None:
+    # Two Registry objects have separate locks, as two processes do: only the rename decides.
+    writers = [Registry(tmp_path), Registry(tmp_path)]
+    model = build_model(ModelSpec.resolve([4]), _pre(), 0)
+
+    def register_many(registry: Registry) -> list[int]:
+        return [registry.register("risk", model, target="y").version for _ in range(6)]
+
+    async def both() -> list[list[int]]:
+        return await asyncio.gather(*(asyncio.to_thread(register_many, w) for w in writers))
+
+    taken = [v for versions in asyncio.run(both()) for v in versions]
+    assert sorted(taken) == list(range(1, 13))
+    reader = Registry(tmp_path, clean_up=False)
+    for version in taken:  # every version whole, its metadata naming it
+        record = reader.record("risk", version)
+        assert record.version == version
+        reader.load_weights(record)
+
+
+def test_a_predictor_follows_another_process_after_a_refresh(tmp_path: Path) -> None:
+    writer = Registry(tmp_path)  # another process's view of the shared directory
+    writer.register("risk", build_model(ModelSpec.resolve([4]), _pre(), 0), target="y")
+    predictor = Predictor(Registry(tmp_path, clean_up=False), CPU)
+    x = np.ones((1, 2), np.float32)
+    assert predictor.predict("risk", 0, x)[1] == 1
+    writer.register("risk", build_model(ModelSpec.resolve([4]), _pre(), 1), target="y")
+    assert predictor.predict("risk", 0, x)[1] == 1  # in memory until the re-scan
+    assert predictor.predict("risk", 2, x)[1] == 2  # a version not seen yet: read at once
+    predictor.refresh()
+    assert predictor.predict("risk", 0, x)[1] == 2
+    writer.register("fraud", build_model(ModelSpec.resolve([4]), _pre(), 2), target="y")
+    assert predictor.predict("fraud", 0, x)[1] == 1  # a new model: found on first ask
 
 
 # --- the dynamic batcher -------------------------------------------------------------------
@@ -380,27 +424,41 @@ async def test_expired_requests_are_dropped_before_computing(predictor: Predicto
     assert batcher.stats.expired == 1 and batcher.stats.rows == 1
 
 
+@pytest.mark.parametrize("writer", ["this process", "another process"])
 async def test_a_promoted_version_swaps_in_without_dropping_requests(
-    predictor: Predictor,
+    predictor: Predictor, writer: str
 ) -> None:
     batcher = Batcher(predictor, BatchingConfig(max_batch_size=16, max_queue_delay=0.001))
     x = np.ones((1, 2), np.float32)
     versions: list[int] = []
+    asked = 0
+    swapped = asyncio.Event()
 
     async def client() -> None:
+        nonlocal asked
         for _ in range(30):
+            asked += 1
             _, model = await batcher.predict("risk", 0, x)
             versions.append(model.record.version)
+        await swapped.wait()
+        asked += 1
+        versions.append((await batcher.predict("risk", 0, x))[1].record.version)
 
     async def promote() -> None:
         while len(versions) < 20:
             await asyncio.sleep(0.001)
         model = build_model(ModelSpec.resolve([16]), _pre(), 9)
-        await asyncio.to_thread(predictor.registry.register, "risk", model, target="y")
+        if writer == "this process":
+            await asyncio.to_thread(predictor.registry.register, "risk", model, target="y")
+        else:  # another process's write, then the server's periodic re-scan
+            other = Registry(predictor.registry.root)
+            await asyncio.to_thread(other.register, "risk", model, target="y")
+            await asyncio.to_thread(predictor.refresh)
+        swapped.set()
 
     await asyncio.gather(*(client() for _ in range(4)), promote())
     await batcher.close()
-    assert len(versions) == 120  # every request answered
+    assert len(versions) == asked == 124  # every request answered
     assert versions[0] == 1 and versions[-1] == 2
     assert versions == sorted(versions)
 

@@ -7,6 +7,7 @@ process on this host, for zero-hop hits (DESIGN §3).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import os
@@ -14,16 +15,19 @@ import queue
 import struct
 import threading
 import time
-import zlib
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+import weakref
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lmdb
+import xxhash
 
+from cache_service.policy import SegmentedLru
 from onehop.errors import (
     FailedPrecondition,
     Internal,
@@ -36,36 +40,48 @@ from onehop.errors import (
 log = logging.getLogger(__name__)
 
 MAX_KEY_BYTES = 511  # LMDB's compiled-in key limit (env.max_key_size()).
+MAX_NAMESPACE_CHARS = 64
 # The map is virtual address space, not disk: room for B-tree pages, overflow-page rounding
 # and the copy-on-write pages a commit needs, on top of the budget.
 MAP_HEADROOM_BYTES = 64 << 20
 # Group commit: one write transaction takes at most this much work.
 MAX_BATCH_OPS = 1024
 MAX_BATCH_BYTES = 64 << 20
-# Share of the budget that entries hit at least twice may hold (the rest is probation).
-PROTECTED_SHARE = 0.8
+# Reader-table housekeeping (slots of dead processes) and TTL sweeps, on the writer thread.
 MAINTENANCE_SECONDS = 30.0
 MAP_FULL_RETRIES = 8
+# Reads whose bookkeeping waits in a queue: the writer is asked to apply it at BOOKKEEP_AT
+# queued reads; a reader applies it itself at MAX_PENDING_READS (the writer is busy).
+BOOKKEEP_AT = 32
+MAX_PENDING_READS = 1024
+# Hit keys a zero-hop reader keeps for the store between two hint batches; beyond, dropped.
+MAX_HINTS = 8192
+# How long close() waits for pinned reads (streams still sending from the map) to end.
+PIN_DRAIN_SECONDS = 10.0
 DEFAULT_NAMESPACE = "default"
 
 Clock = Callable[[], float]
+T = TypeVar("T")
 
 
 # --- value format (shared by the store and the reader so they cannot drift) ---------------
 #
-# header = crc32 (uint32) | expiry unix seconds (uint64, 0 = never), little-endian; the crc
-# covers the expiry field and the payload, so a flipped bit in either reads as corrupt.
+# header = checksum (uint64) | expiry unix seconds (uint64, 0 = never), little-endian. The
+# checksum is XXH3-64 of the expiry field and the payload (contiguous, so one call checks
+# both): a flipped bit in either reads as corrupt. XXH3 rather than zlib's crc32: several
+# times faster per value, and the checksum is most of the cost of a hit.
 
-HEADER = struct.Struct("<IQ")
+HEADER = struct.Struct("<QQ")
+_CHECKED_FROM = 8  # the checksum covers everything after itself
 _EXPIRY = struct.Struct("<Q")
 OK, CORRUPT, EXPIRED = "ok", "corrupt", "expired"
 
 
 def pack_value(payload: Any, expiry: int) -> bytes:
     """Header + payload, ready for LMDB. `payload` is any bytes-like object."""
-    expiry_bytes = _EXPIRY.pack(expiry)
-    crc = zlib.crc32(payload, zlib.crc32(expiry_bytes))
-    return b"".join((HEADER.pack(crc, expiry), payload))
+    checksum = xxhash.xxh3_64(_EXPIRY.pack(expiry))
+    checksum.update(payload)
+    return b"".join((HEADER.pack(checksum.intdigest(), expiry), payload))
 
 
 def unpack_value(raw: Any, now: float) -> tuple[str, memoryview | None]:
@@ -73,13 +89,109 @@ def unpack_value(raw: Any, now: float) -> tuple[str, memoryview | None]:
     view = memoryview(raw)
     if len(view) < HEADER.size:
         return CORRUPT, None
-    crc, expiry = HEADER.unpack_from(view)
-    payload = view[HEADER.size :]
-    if zlib.crc32(payload, zlib.crc32(view[4 : HEADER.size])) != crc:
+    checksum, expiry = HEADER.unpack_from(view)
+    if xxhash.xxh3_64_intdigest(view[_CHECKED_FROM:]) != checksum:
         return CORRUPT, None
     if expiry and now >= expiry:
         return EXPIRED, None
-    return OK, payload
+    return OK, view[HEADER.size :]
+
+
+Views = list[memoryview | None]
+
+
+def read_views(
+    txn: lmdb.Transaction, keys: Sequence[bytes], now: float
+) -> tuple[Views, list[bytes], list[bytes], list[tuple[bytes, str]]]:
+    """Look up `keys` in a read transaction opened with buffers=True: (payloads in key order
+    as views into the map, None for a miss; hit keys; miss keys; [(bad key, CORRUPT |
+    EXPIRED)]). The views are valid only while the transaction is open: copy them out
+    before it ends. `unpack_value` inlined: this loop is the cost of a batch read."""
+    get: Callable[[bytes], memoryview | None] = txn.get  # type: ignore[assignment]
+    header, digest, size = HEADER.unpack_from, xxhash.xxh3_64_intdigest, HEADER.size
+    values: Views = []
+    hits: list[bytes] = []
+    misses: list[bytes] = []
+    bad: list[tuple[bytes, str]] = []
+    for key in keys:
+        raw = get(key)  # a memoryview into the map
+        if raw is not None:
+            if len(raw) >= size:
+                checksum, expiry = header(raw)
+                if digest(raw[_CHECKED_FROM:]) == checksum:
+                    if not expiry or now < expiry:
+                        values.append(raw[size:])
+                        hits.append(key)
+                        continue
+                    bad.append((key, EXPIRED))
+                else:
+                    bad.append((key, CORRUPT))
+            else:
+                bad.append((key, CORRUPT))
+        values.append(None)
+        misses.append(key)
+    return values, hits, misses, bad
+
+
+def copy_views(views: Views) -> list[bytes | None]:
+    return [None if view is None else bytes(view) for view in views]
+
+
+class PinnedValue:
+    """One value read in place: `view` points into the memory map, valid while the read
+    transaction behind it is open. That transaction (and its reader slot) ends at
+    `release()`, or when the last reference to this object goes, whichever comes first, so
+    a consumer that hands `view` on (Arrow buffers, a Flight stream) keeps the value valid
+    by keeping this object alive as the owner of what it hands on. Idempotent."""
+
+    __slots__ = ("view", "_release", "__weakref__")
+
+    def __init__(self, view: memoryview, release: Callable[[], None] | None = None):
+        self.view = view
+        self._release = weakref.finalize(self, release) if release is not None else None
+
+    @property
+    def pinned(self) -> bool:
+        """Whether a read transaction is still held for this value (False for a copy)."""
+        return self._release is not None and self._release.alive
+
+    def release(self) -> None:
+        if self._release is not None:
+            self._release()
+
+
+@dataclass(frozen=True)
+class PackedValues:
+    """A batch read as one buffer: the values found, back to back in key order, with the
+    size of each (0 for a miss). `BatchGet` sends this instead of one protobuf field per
+    value: one copy out of the map, no per-value objects on either side."""
+
+    found: list[bool]
+    sizes: list[int]
+    data: bytes
+
+    @classmethod
+    def of(cls, views: Views) -> PackedValues:
+        return cls(
+            [view is not None for view in views],
+            [0 if view is None else len(view) for view in views],
+            b"".join([view for view in views if view is not None]),
+        )
+
+    def values(self) -> list[bytes | None]:
+        """The values in key order, None for a miss."""
+        data = memoryview(self.data)
+        values: list[bytes | None] = []
+        offset = 0
+        for found, size in zip(self.found, self.sizes, strict=True):
+            if found:
+                values.append(bytes(data[offset : offset + size]))
+                offset += size
+            else:
+                values.append(None)
+        if offset != len(data):
+            raise InvalidArgument(f"packed values hold {len(data)} bytes, their sizes say {offset}")
+        return values
 
 
 def peek_expiry(raw: Any) -> int:
@@ -106,8 +218,42 @@ def check_key(key: Any) -> bytes:
     return key
 
 
+def check_keys(keys: Iterable[Any]) -> list[bytes]:
+    """`check_key` over a batch, with a fast path for the usual well-formed keys."""
+    return [
+        key if type(key) is bytes and 0 < len(key) <= MAX_KEY_BYTES else check_key(key)
+        for key in keys
+    ]
+
+
 def _show(key: bytes) -> str:
     return key[:64].decode("utf-8", "backslashreplace")
+
+
+# What a failed write to a full disk (or a file-size limit) looks like from LMDB: ENOSPC,
+# or EIO when the kernel accepted only part of a page write.
+_DISK_FULL_TEXT = tuple(os.strerror(code) for code in (errno.ENOSPC, errno.EFBIG, errno.EIO))
+_DISK_FULL_TEXT += (os.strerror(errno.EDQUOT),) if hasattr(errno, "EDQUOT") else ()
+
+
+def _is_disk_full(exc: lmdb.Error) -> bool:
+    return isinstance(exc, lmdb.DiskError) or any(text in str(exc) for text in _DISK_FULL_TEXT)
+
+
+def _begin_read(env: lmdb.Environment) -> lmdb.Transaction:
+    """A read transaction (buffers=True); a reader table full of other processes' slots is
+    first swept for dead ones, then RESOURCE_EXHAUSTED (the caller treats it as load)."""
+    try:
+        return env.begin(buffers=True)
+    except lmdb.ReadersFullError:
+        try:
+            env.reader_check()
+            return env.begin(buffers=True)
+        except lmdb.ReadersFullError:
+            raise ResourceExhausted(
+                f"all {env.max_readers()} LMDB reader slots of the cache are taken by live "
+                "readers; retry, or raise max_readers"
+            ) from None
 
 
 # --- one environment per process ---------------------------------------------------------
@@ -136,6 +282,10 @@ def _open_env(path: Path, **options: Any) -> lmdb.Environment:
             f"{path / 'data.mdb'} is not a valid LMDB file ({exc}); refusing to serve or "
             "overwrite it: move it away or point ONEHOP_DATA_DIR elsewhere"
         ) from exc
+    except lmdb.ReadersFullError:  # opening reads the main database once
+        raise ResourceExhausted(
+            f"all LMDB reader slots of the cache at {path} are taken; retry later"
+        ) from None
     except lmdb.VersionMismatchError as exc:
         raise FailedPrecondition(
             f"{path} was written by an incompatible LMDB version ({exc})"
@@ -172,8 +322,9 @@ def _acquire_reader_env(path: Path) -> tuple[lmdb.Environment, bool]:
         if not (path / "data.mdb").exists():
             raise Unavailable(f"no cache environment at {path}: is the cache service running?")
         # map_size=0 adopts the size the writer recorded, so growth up to it never needs a
-        # remap here; lock=True registers our read slots where the writer can see them.
-        env = _open_env(path, readonly=True, lock=True, map_size=0, max_spare_txns=4)
+        # remap here; lock=True registers our read slots where the writer can see them;
+        # no spare transactions, so an idle reader holds no slot of the shared table.
+        env = _open_env(path, readonly=True, lock=True, map_size=0, max_spare_txns=0)
         _ENVS[key] = _SharedEnv(env, writable=False, store_attached=False)
         return env, False
 
@@ -216,6 +367,8 @@ class StoreStats:
     used_bytes: int
     # Write transactions committed; puts per commit shows how well group commit batches.
     commits: int = 0
+    # Access hints that zero-hop readers dropped for lack of room (see `ReadHints`).
+    hints_dropped: int = 0
 
 
 @dataclass(slots=True)
@@ -225,57 +378,11 @@ class _Entry:
     namespace: str
 
 
-class _Recency:
-    """Segmented LRU: new keys enter probation, a hit promotes them to the protected
-    segment, victims come from probation first. A one-pass sweep (an epoch of shards, a
-    burst of one-off predictions) therefore cannot flush the keys that are read again."""
-
-    def __init__(self, protected_capacity: int):
-        self.protected_capacity = protected_capacity
-        self.probation: OrderedDict[bytes, int] = OrderedDict()
-        self.protected: OrderedDict[bytes, int] = OrderedDict()
-        self.protected_bytes = 0
-
-    def add(self, key: bytes, size: int) -> None:
-        """A write: a protected key stays protected, anything else starts in probation."""
-        if key in self.protected:
-            self.protected_bytes += size - self.protected[key]
-            self.protected[key] = size
-            self.protected.move_to_end(key)
-            self._rebalance()
-        else:
-            self.probation[key] = size
-            self.probation.move_to_end(key)
-
-    def touch(self, key: bytes) -> None:
-        if key in self.protected:
-            self.protected.move_to_end(key)
-        elif key in self.probation:
-            size = self.probation.pop(key)
-            self.protected[key] = size
-            self.protected_bytes += size
-            self._rebalance()
-
-    def remove(self, key: bytes) -> None:
-        if key in self.protected:
-            self.protected_bytes -= self.protected.pop(key)
-        else:
-            self.probation.pop(key, None)
-
-    def oldest_first(self) -> Iterator[bytes]:
-        yield from self.probation
-        yield from self.protected
-
-    def _rebalance(self) -> None:
-        while self.protected_bytes > self.protected_capacity and len(self.protected) > 1:
-            key, size = self.protected.popitem(last=False)
-            self.protected_bytes -= size
-            self.probation[key] = size  # demoted to the young end of probation
-
-
 # --- the writer's work items -------------------------------------------------------------
 
 _PUT, _DELETE, _REMOVE_IF_BAD = "put", "delete", "remove_if_bad"
+# Not a write: apply the queued read bookkeeping, on the writer's thread.
+_BOOKKEEP = "bookkeep"
 
 
 @dataclass
@@ -284,9 +391,8 @@ class _Op:
     # put: [(key, stored value, expiry)]; delete / remove_if_bad: [key]
     items: list[Any]
     nbytes: int = 0
-    done: threading.Event = field(default_factory=threading.Event)
-    result: int = 0
-    error: BaseException | None = None
+    # Resolved by the writer once the op's commit is durable (or failed).
+    future: Future[int] = field(default_factory=Future)
 
 
 _STOP = object()
@@ -332,12 +438,23 @@ class CacheStore:
         )
         # Leave half of the reader table to zero-hop readers in other processes.
         self._read_slots = threading.BoundedSemaphore(max(1, max_readers // 2))
+        # Pinned reads (`get_pinned`) hold their slot for a whole stream, so they may take
+        # only half of ours: short reads always find a slot.
+        self._max_pins = max(1, max_readers // 4)
+        self._pins = 0
+        self._pins_changed = threading.Condition()
+        # key -> the stored checksum of the value `get_pinned` last verified for it.
+        self._verified: dict[bytes, int] = {}
         self._lock = threading.Lock()  # the index, recency and counters
         self._entries: dict[bytes, _Entry] = {}
-        self._recency = _Recency(int(capacity_bytes * PROTECTED_SHARE))
+        self._policy = SegmentedLru(capacity_bytes)
         self._counters: dict[str, NamespaceStats] = {}
+        self._by_head: dict[bytes, NamespaceStats] = {}
+        self._reads: deque[tuple[list[bytes], list[bytes]]] = deque()
+        self._bookkeeping_queued = False
         self.used_bytes = 0
         self._commits = 0
+        self._hints_dropped = 0
         try:
             self._env.reader_check()  # slots left by dead processes
             self._load_index()
@@ -345,7 +462,7 @@ class CacheStore:
             _release_env(self.path, store=True)
             raise
 
-        self._queue: queue.Queue[Any] = queue.Queue()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # C: cheap per put
         self._state_lock = threading.Lock()
         self._closed = False
         self._writer = threading.Thread(target=self._run_writer, name="cache-writer", daemon=True)
@@ -361,47 +478,109 @@ class CacheStore:
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """Values in key order; None for a miss (absent, expired or corrupt)."""
-        keys = [check_key(key) for key in keys]
+        return self._read(keys, copy_views)
+
+    def get_packed(self, keys: Sequence[bytes]) -> PackedValues:
+        """`get_many` as one buffer (see `PackedValues`)."""
+        return self._read(keys, PackedValues.of)
+
+    def _read(self, keys: Sequence[bytes], copy_out: Callable[[Views], T]) -> T:
+        keys = check_keys(keys)
         self._check_open()
         now = self._clock()
-        values: list[bytes | None] = []
-        bad: list[tuple[bytes, str]] = []
-        with self._read_slots, self._env.begin(buffers=True) as txn:
-            for key in keys:
-                raw = txn.get(key)
-                if raw is None:
-                    values.append(None)
-                    continue
-                state, payload = unpack_value(raw, now)
-                if payload is None:
-                    bad.append((key, state))
-                    values.append(None)
-                else:
-                    values.append(bytes(payload))  # copied out before the snapshot ends
+        with self._read_slots, _begin_read(self._env) as txn:
+            views, hits, misses, bad = read_views(txn, keys, now)
+            values = copy_out(views)  # before the snapshot ends
+        self._record_reads(hits, misses)
+        self._drop_bad(bad)
+        return values
+
+    def get_pinned(self, key: bytes) -> PinnedValue | None:
+        """One value without a copy: a view into the memory map whose read transaction
+        stays open until the PinnedValue is released or dropped (see `PinnedValue`); None
+        for a miss (absent, expired or corrupt). For large values streamed out as they
+        lie: a stream holds its value as long as it sends it.
+
+        Checksum: verified on the first pinned read of each stored value since this store
+        opened, then remembered by the value's stored checksum, so a value written again
+        (or replaced) is verified again; re-hashing a value of many MiB on every read would
+        cost a tenth of a stream's time. So a value corrupted on disk before this process
+        first reads it is caught, as by every other read; a bit flipped in memory later is
+        not. When every pin is taken (slow streams), the value is copied out instead."""
+        key = check_key(key)
+        self._check_open()
+        with self._pins_changed:
+            pinning = self._pins < self._max_pins
+            self._pins += pinning
+        if not pinning:
+            value = self.get(key)
+            return None if value is None else PinnedValue(memoryview(value))
+        self._read_slots.acquire()
+        try:
+            txn = _begin_read(self._env)
+        except BaseException:
+            self._unpin(None)
+            raise
+        try:
+            view, state = self._read_in_place(txn, key)
+        except BaseException:
+            self._unpin(txn)
+            raise
+        if view is None:
+            self._unpin(txn)
+            self._record_reads([], [key])
+            if state:
+                self._drop_bad([(key, state)])
+            return None
+        self._record_reads([key], [])
+        return PinnedValue(view, lambda: self._unpin(txn))
+
+    def _read_in_place(self, txn: lmdb.Transaction, key: bytes) -> tuple[memoryview | None, str]:
+        """(payload view, "") for a live value; (None, "" | CORRUPT | EXPIRED) otherwise."""
+        raw: memoryview | None = txn.get(key)  # type: ignore[assignment]
+        if raw is None:
+            return None, ""
+        if len(raw) < HEADER.size:
+            return None, CORRUPT
+        checksum, expiry = HEADER.unpack_from(raw)
+        if self._verified.get(key) != checksum:
+            if xxhash.xxh3_64_intdigest(raw[_CHECKED_FROM:]) != checksum:
+                return None, CORRUPT
+            self._verified[key] = checksum
+        if expiry and self._clock() >= expiry:
+            return None, EXPIRED
+        return raw[HEADER.size :], ""
+
+    def _unpin(self, txn: lmdb.Transaction | None) -> None:
+        if txn is not None:
+            txn.abort()
+        self._read_slots.release()
+        with self._pins_changed:
+            self._pins -= 1
+            self._pins_changed.notify_all()
+
+    @property
+    def pinned_reads(self) -> int:
+        """Pinned reads (`get_pinned`) whose transaction is still open."""
+        return self._pins
+
+    def _drop_bad(self, bad: list[tuple[bytes, str]]) -> None:
+        """Count values found corrupt or expired and have the writer remove them."""
+        if not bad:
+            return
         with self._lock:
-            for key, value in zip(keys, values, strict=True):
-                counters = self._ns(namespace_of(key))
-                if value is None:
-                    counters.misses += 1
-                else:
-                    counters.hits += 1
-                    self._recency.touch(key)
             for key, state in bad:
-                counters = self._ns(namespace_of(key))
+                counters = self._counters_of(key)
                 if state == CORRUPT:
                     counters.corrupt += 1
+                    log.warning("corrupt cache value for %s: removed", _show(key))
                 else:
                     counters.expired += 1
-        if bad:
-            for key, state in bad:
-                if state == CORRUPT:
-                    log.warning("corrupt cache value for %s: removed", _show(key))
-            self._submit(_Op(_REMOVE_IF_BAD, [key for key, _ in bad]), wait=False)
-        return values
+        self._submit(_Op(_REMOVE_IF_BAD, [key for key, _ in bad]), wait=False)
 
     def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
         """Whether each key holds a live value (from the index: no LMDB read, no stats)."""
-        keys = [check_key(key) for key in keys]
+        keys = check_keys(keys)
         self._check_open()
         now = self._clock()
         with self._lock:
@@ -411,6 +590,32 @@ class CacheStore:
                 found.append(entry is not None and not (entry.expiry and now >= entry.expiry))
             return found
 
+    def note_remote_reads(
+        self, hits: Iterable[bytes], misses: Mapping[str, int], dropped: int = 0
+    ) -> int:
+        """Fold in what a zero-hop reader served from the memory map (its `ReadHints`):
+        hits count and renew the keys for eviction like local reads, misses count. Hints
+        are advisory: unknown or malformed keys are skipped. Returns the keys applied."""
+        applied = 0
+        with self._lock:
+            self._hints_dropped += max(0, dropped)
+            for key in hits:
+                if isinstance(key, bytes) and self._policy.touch(key):
+                    self._counters_of(key).hits += 1
+                    applied += 1
+            for namespace, count in misses.items():
+                if 0 < len(namespace) <= MAX_NAMESPACE_CHARS and count > 0:
+                    self._ns(namespace).misses += count
+        return applied
+
+    def clear_stale_readers(self) -> int:
+        """Free the reader slots of processes that died inside a read transaction (their
+        old snapshot would otherwise pin pages forever). Returns how many were cleared."""
+        cleared = self._env.reader_check()
+        if cleared:
+            log.warning("cleared %d stale LMDB reader slots of dead processes", cleared)
+        return int(cleared)
+
     # --- writes --------------------------------------------------------------------------
 
     def put(self, key: bytes, value: Any, ttl_seconds: int = 0) -> None:
@@ -418,6 +623,16 @@ class CacheStore:
 
     def put_many(self, items: Sequence[tuple[bytes, Any]], ttl_seconds: int = 0) -> int:
         """Store every item (all or none are accepted) and wait until they are durable."""
+        return self.submit_put_many(items, ttl_seconds).result()
+
+    def submit_put_many(
+        self, items: Sequence[tuple[bytes, Any]], ttl_seconds: int = 0
+    ) -> Future[int]:
+        """`put_many` without the wait: checks and queues the items for the writer (bad
+        input raises here) and returns a future that resolves to their count once their
+        commit is durable, or fails with the commit's error. For callers that must not
+        hold a thread per pending write: group commit batches what is queued, so more
+        writes waiting = bigger, cheaper commits."""
         if ttl_seconds < 0:
             raise InvalidArgument(f"ttl_seconds must be >= 0, got {ttl_seconds}")
         expiry = math.ceil(self._clock()) + ttl_seconds if ttl_seconds else 0
@@ -442,32 +657,49 @@ class CacheStore:
                 f"a batch of {total} bytes exceeds the cache budget of {self.capacity_bytes} "
                 "bytes; send smaller batches"
             )
+        op = _Op(_PUT, packed, nbytes=total)
         if not packed:
-            return 0
-        return self._submit(_Op(_PUT, packed, nbytes=total))
+            op.future.set_result(0)
+            return op.future
+        self._enqueue(op)
+        return op.future
 
     def delete_many(self, keys: Sequence[bytes]) -> int:
         """Remove the keys; returns how many existed."""
-        keys = [check_key(key) for key in keys]
+        keys = check_keys(keys)
         return self._submit(_Op(_DELETE, keys)) if keys else 0
 
     # --- stats and lifecycle -------------------------------------------------------------
 
     def stats(self) -> StoreStats:
         with self._lock:
+            self._apply_reads()
             namespaces = {
                 name: dataclasses.replace(counters) for name, counters in self._counters.items()
             }
-            return StoreStats(namespaces, self.capacity_bytes, self.used_bytes, self._commits)
+            return StoreStats(
+                namespaces,
+                self.capacity_bytes,
+                self.used_bytes,
+                self._commits,
+                self._hints_dropped,
+            )
 
     def close(self) -> None:
-        """Finish the queued writes, stop the writer, close the environment."""
+        """Finish the queued writes, stop the writer, wait for pinned reads to end, close
+        the environment."""
         with self._state_lock:
             if self._closed:
                 return
             self._closed = True
             self._queue.put(_STOP)
         self._writer.join()
+        with self._pins_changed:
+            drained = self._pins_changed.wait_for(lambda: self._pins == 0, PIN_DRAIN_SECONDS)
+        if not drained:
+            # Unmapping now would pull the memory from under a stream still sending it.
+            log.warning("cache closed with %d pinned reads still open: map left open", self._pins)
+            return
         _release_env(self.path, store=True)
 
     def __enter__(self) -> CacheStore:
@@ -481,6 +713,56 @@ class CacheStore:
     def _check_open(self) -> None:
         if self._closed:
             raise Unavailable("the cache store is closed")
+
+    def _record_reads(self, hits: list[bytes], misses: list[bytes]) -> None:
+        """Queue a read's bookkeeping (hit/miss counts, recency) instead of doing it on the
+        request path, as Caffeine's read buffer does: the writer thread applies the queue
+        when it grows (between requests, while the serving thread waits on the network),
+        before it picks victims, and `stats()` before it reports. A reader applies it
+        itself only if the writer falls far behind."""
+        reads = self._reads
+        reads.append((hits, misses))
+        if len(reads) >= BOOKKEEP_AT and not self._bookkeeping_queued:
+            self._bookkeeping_queued = True
+            self._submit(_Op(_BOOKKEEP, []), wait=False)
+        elif len(reads) >= MAX_PENDING_READS:
+            with self._lock:
+                self._apply_reads()
+
+    def _apply_reads(self) -> None:
+        """Replay queued reads into the counters and the policy (caller holds _lock)."""
+        reads = self._reads
+        while reads:
+            hits, misses = reads.popleft()
+            self._policy.touch_many(hits)
+            for keys, field_name in ((hits, "hits"), (misses, "misses")):
+                for counters, count in self._count_by_namespace(keys):
+                    setattr(counters, field_name, getattr(counters, field_name) + count)
+
+    def _count_by_namespace(self, keys: list[bytes]) -> Iterator[tuple[NamespaceStats, int]]:
+        """(counters, how many of `keys` are theirs): one C-level pass when the batch shares
+        its first key's namespace, as a batch almost always does."""
+        if not keys:
+            return
+        first = keys[0]
+        slash = first.find(b"/")
+        if slash > 0:
+            prefix = first[: slash + 1]
+            same = sum(map(bytes.startswith, keys, repeat(prefix)))
+            if same == len(keys):
+                yield self._counters_of(first), same
+                return
+        for key in keys:
+            yield self._counters_of(key), 1
+
+    def _counters_of(self, key: bytes) -> NamespaceStats:
+        """`_ns(namespace_of(key))`, memoised by the key's raw prefix: it runs per key read."""
+        slash = key.find(b"/")
+        head = key[:slash] if slash > 0 else b""
+        counters = self._by_head.get(head)
+        if counters is None:
+            counters = self._by_head[head] = self._ns(namespace_of(key))
+        return counters
 
     def _ns(self, namespace: str) -> NamespaceStats:
         counters = self._counters.get(namespace)
@@ -500,6 +782,7 @@ class CacheStore:
     def _set_entry(self, key: bytes, entry: _Entry | None, *, evicted: bool = False) -> None:
         """Apply one committed change to the index (caller holds _lock or is the opener)."""
         old = self._entries.pop(key, None)
+        self._verified.pop(key, None)
         if old is not None:
             counters = self._ns(old.namespace)
             counters.entries -= 1
@@ -507,7 +790,7 @@ class CacheStore:
             counters.evictions += evicted
             self.used_bytes -= old.size
         if entry is None:
-            self._recency.remove(key)
+            self._policy.remove(key)
             return
         entry.namespace = namespace_of(key)
         counters = self._ns(entry.namespace)
@@ -515,36 +798,24 @@ class CacheStore:
         counters.bytes += entry.size
         self.used_bytes += entry.size
         self._entries[key] = entry
-        self._recency.add(key, entry.size)
-
-    def _victims(self, excess: int, skip: Iterable[bytes] = ()) -> list[bytes]:
-        """Least valuable keys whose removal frees at least `excess` bytes (caller locks)."""
-        skip = set(skip)
-        victims: list[bytes] = []
-        for key in self._recency.oldest_first():
-            if excess <= 0:
-                break
-            if key in skip:
-                continue
-            victims.append(key)
-            excess -= self._entries[key].size
-        return victims
+        self._policy.add(key, entry.size)
 
     # --- internals: the writer -----------------------------------------------------------
 
     def _submit(self, op: _Op, wait: bool = True) -> int:
+        if not wait:
+            with self._state_lock:
+                if not self._closed:
+                    self._queue.put(op)
+            return 0
+        self._enqueue(op)
+        return op.future.result()
+
+    def _enqueue(self, op: _Op) -> None:
         with self._state_lock:
             if self._closed:
-                if not wait:
-                    return 0
                 raise Unavailable("the cache store is closed")
             self._queue.put(op)
-        if not wait:
-            return 0
-        op.done.wait()
-        if op.error is not None:
-            raise op.error
-        return op.result
 
     def _run_writer(self) -> None:
         stopping = False
@@ -571,7 +842,13 @@ class CacheStore:
                     break
                 batch.append(op)
                 nbytes += op.nbytes
-            self._commit_batch(batch)
+            writes = [op for op in batch if op.kind != _BOOKKEEP]
+            if len(writes) < len(batch):
+                self._bookkeeping_queued = False
+                with self._lock:
+                    self._apply_reads()
+            if writes:
+                self._commit_batch(writes)
 
     def _commit_batch(self, batch: list[_Op]) -> None:
         try:
@@ -592,18 +869,30 @@ class CacheStore:
         except OnehopError as exc:
             self._finish(batch, error=exc)
             return
+        except lmdb.Error as exc:
+            if not _is_disk_full(exc):
+                self._finish(batch, error=Internal.wrap(exc))
+                return
+            # LMDB aborted the transaction: the last commit (all earlier data) stands.
+            log.error("cache commit failed, disk full? (%s)", exc)
+            self._finish(
+                batch,
+                error=ResourceExhausted(
+                    "the cache could not write to its disk (full?); earlier entries are kept, "
+                    "retry later or free disk space"
+                ),
+            )
+            return
         except Exception as exc:  # keep the writer alive; callers see INTERNAL
             self._finish(batch, error=Internal.wrap(exc))
             return
         for op, result in zip(batch, results, strict=True):
-            op.result = result
-        self._finish(batch)
+            op.future.set_result(result)
 
     @staticmethod
-    def _finish(batch: list[_Op], error: BaseException | None = None) -> None:
+    def _finish(batch: list[_Op], error: BaseException) -> None:
         for op in batch:
-            op.error = error
-            op.done.set()
+            op.future.set_exception(error)
 
     def _write(self, batch: list[_Op]) -> list[int]:
         """Commit the batch, making room in the map by evicting when LMDB says it is full."""
@@ -640,11 +929,14 @@ class CacheStore:
                             pending[key] = None
                 results.append(count)
             with self._lock:
+                self._apply_reads()  # eviction must see every read so far
                 growth = sum(
                     (entry.size if entry else 0) - self._size_of(key)
                     for key, entry in pending.items()
                 )
-                victims = self._victims(self.used_bytes + growth - self.capacity_bytes, pending)
+                victims = self._policy.victims(
+                    self.used_bytes + growth - self.capacity_bytes, pending
+                )
             for key in victims:
                 txn.delete(key)
         # The `with` committed; only now does the index change.
@@ -663,9 +955,10 @@ class CacheStore:
     def _evict_for_map(self, needed: int) -> int:
         """LMDB's map is full (page overhead beyond the budget): evict a slice and commit
         it alone, so its pages are free for the retry. Returns how many keys went."""
-        self._env.reader_check()  # a dead reader's snapshot pins pages
+        self.clear_stale_readers()  # a dead reader's snapshot pins pages
         with self._lock:
-            victims = self._victims(max(2 * needed, self.used_bytes // 8, 1))
+            self._apply_reads()
+            victims = self._policy.victims(max(2 * needed, self.used_bytes // 8, 1))
         if not victims:
             return 0
         with self._env.begin(write=True) as txn:
@@ -681,7 +974,7 @@ class CacheStore:
     def _maintain(self) -> None:
         """Periodic work: clear reader slots of dead processes, drop expired entries."""
         try:
-            self._env.reader_check()
+            self.clear_stale_readers()
             now = self._clock()
             with self._lock:
                 expired = [k for k, e in self._entries.items() if e.expiry and now >= e.expiry]
@@ -691,48 +984,86 @@ class CacheStore:
             log.exception("cache maintenance failed")
 
 
+@dataclass
+class ReadHints:
+    """What a zero-hop reader served since it was last asked: the keys it hit (they renew
+    those entries for eviction and count as hits at the store), misses per namespace, and
+    how many hit keys it dropped because its buffer was full (hints are advisory)."""
+
+    hits: list[bytes]
+    misses: dict[str, int]
+    dropped: int = 0
+
+
 class CacheReader:
     """Read-only view of a cache environment on this host: hits straight from the memory
     map, zero hops. Checksums and expiry are verified exactly as the store does; a bad or
-    expired value is a miss here and is left for the store (the only writer) to remove."""
+    expired value is a miss here and is left for the store (the only writer) to remove.
 
-    def __init__(self, path: Path, *, clock: Clock = time.time):
+    What it serves is remembered, bounded by `max_hints`, for `take_hints()`: the owner
+    sends those hints to the cache service in batches (`cache_service.client.HintSender`)
+    so that entries read only here are not evicted as if nobody wanted them.
+    """
+
+    def __init__(self, path: Path, *, clock: Clock = time.time, max_hints: int = MAX_HINTS):
         self.path = Path(path)
         self._clock = clock
         self._env, self._borrowed = _acquire_reader_env(self.path)
+        if not self._borrowed:
+            self._env.reader_check()  # slots of dead processes, as the store does at start
         self._closed = False
-        # Remapping (adopting a larger map the writer set after we opened) needs no
-        # transaction open in this process: reads share, the remap is exclusive.
-        self._cond = threading.Condition()
-        self._active = 0
-        self._remapping = False
-        self._read_slots = threading.BoundedSemaphore(max(1, self._env.max_readers() // 4))
+        # Read slots this process may hold at once, as tokens: a read takes one, and the
+        # rare exclusive work (adopting a resized map, close) takes them all. A queue of
+        # tokens costs far less per read than a Condition.
+        self._slots = max(1, self._env.max_readers() // 4)
+        self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(self._slots):
+            self._tokens.put(None)
+        self._exclusive = threading.Lock()
+        self._max_hints = max_hints
+        self._hint_lock = threading.Lock()
+        self._hits: list[bytes] = []
+        self._misses: Counter[str] = Counter()
+        self._dropped = 0
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        keys = [check_key(key) for key in keys]
+        """Values in key order; None for a miss (absent, expired or corrupt)."""
+        keys = check_keys(keys)
         for attempt in range(2):
+            self._tokens.get()
             try:
-                with self._reading() as env, env.begin(buffers=True) as txn:
-                    now = self._clock()
-                    values: list[bytes | None] = []
-                    for key in keys:
-                        raw = txn.get(key)
-                        payload = None if raw is None else unpack_value(raw, now)[1]
-                        values.append(None if payload is None else bytes(payload))
-                    return values
+                if self._closed:
+                    raise Unavailable(f"the cache reader for {self.path} is closed")
+                with _begin_read(self._env) as txn:
+                    views, hits, misses, _ = read_views(txn, keys, self._clock())
+                    values = copy_views(views)
+                break
             except lmdb.MapResizedError:
                 if attempt or self._borrowed:
                     raise
-                self._adopt_map_size()
-        raise AssertionError("unreachable")
+            finally:
+                self._tokens.put(None)
+            self._adopt_map_size()
+        self._remember(hits, misses)
+        return values
+
+    def take_hints(self) -> ReadHints:
+        """The hints gathered since the last call, handing them over."""
+        with self._hint_lock:
+            hints = ReadHints(self._hits, dict(self._misses), self._dropped)
+            self._hits, self._misses, self._dropped = [], Counter(), 0
+        return hints
 
     def close(self) -> None:
-        with self._cond:
+        """Wait for reads in flight, then let go of the environment."""
+        with self._exclusive:
             if self._closed:
                 return
             self._closed = True
-            while self._active:
-                self._cond.wait()
+            for _ in range(self._slots):  # every token back = no read in flight
+                self._tokens.get()
+            for _ in range(self._slots):
+                self._tokens.put(None)
         _release_env(self.path, store=False)
 
     def __enter__(self) -> CacheReader:
@@ -741,35 +1072,26 @@ class CacheReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _reading(self) -> Iterator[lmdb.Environment]:
-        with self._cond:
-            while self._remapping:
-                self._cond.wait()
-            if self._closed:
-                raise Unavailable(f"the cache reader for {self.path} is closed")
-            self._active += 1
-        try:
-            with self._read_slots:
-                yield self._env
-        finally:
-            with self._cond:
-                self._active -= 1
-                self._cond.notify_all()
+    def _remember(self, hits: list[bytes], misses: list[bytes]) -> None:
+        with self._hint_lock:
+            room = self._max_hints - len(self._hits)
+            self._hits.extend(hits[:room])
+            self._dropped += max(0, len(hits) - room)
+            for key in misses:
+                self._misses[namespace_of(key)] += 1
 
     def _adopt_map_size(self) -> None:
-        with self._cond:
-            if self._remapping:
-                while self._remapping:
-                    self._cond.wait()
+        """The writer reopened with a larger map: adopt it. LMDB allows this only with no
+        transaction open in this process, so take every read token first."""
+        with self._exclusive:
+            if self._closed:
                 return
-            self._remapping = True
+            for _ in range(self._slots):
+                self._tokens.get()
             try:
-                while self._active:
-                    self._cond.wait()
                 # Size 0 = adopt the writer's map size (LMDB's documented answer to
                 # MDB_MAP_RESIZED); this never changes the database itself.
                 self._env.set_mapsize(0)
             finally:
-                self._remapping = False
-                self._cond.notify_all()
+                for _ in range(self._slots):
+                    self._tokens.put(None)

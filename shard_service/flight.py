@@ -1,5 +1,6 @@
-"""The shard service's Arrow Flight edge: ingest (DoPut), plans (GetFlightInfo), shard reads
-(DoGet) with write-through to the cache, and the describe/list actions.
+"""The shard service's Arrow Flight edge: ingest (DoPut, or the "ingest" action for a file the
+service reads itself), plans (GetFlightInfo), shard reads (DoGet) with write-through to the
+cache, and the describe/list actions.
 
 Descriptors: `for_path(name)`, `for_path(name, version)` or `for_command(<DataRequest>)`;
 DoPut also takes `for_command(<IngestRequest>)`. Tickets are `ShardTicket` bytes.
@@ -12,38 +13,57 @@ import queue
 import socket
 import threading
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
 from onehop.channels import flight_location
 from onehop.dataplane import (
+    ACTIONS,
     arrange,
     data_request,
     epoch_permutation,
     ingest_request,
     parse_message,
     put_batches,
+    put_schema,
     shard_ticket,
 )
 from onehop.errors import InvalidArgument, flight_errors
-from onehop.keys import shard_key
+from onehop.keys import shard_key, validate_name
 from onehop.settings import Settings
 from protos.onehop.v1 import data_pb2
 from shard_service.catalog import Catalog, DatasetInfo
-from shard_service.convert import info_to_pb, prep_of, ticket_for
+from shard_service.convert import info_to_pb, partitioning_of, prep_of, ticket_for
+from shard_service.sources import Sources
 
 log = logging.getLogger(__name__)
 
-# Rows per record batch on the wire: big enough to amortise per-message cost, small enough
-# to stay far below gRPC message limits for wide tables.
-STREAM_BATCH_ROWS = 64 * 1024
+# Record batches on the wire: big enough to amortise per-message cost, small enough to stay
+# far below the gRPC receive limit for any row width.
+STREAM_BATCH_BYTES = 4 << 20
+STREAM_BATCH_ROWS = 256 * 1024
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
 
-ACTIONS = {
-    "describe": "body = DataRequest bytes (dataset, version; 0 = newest) -> DatasetInfo bytes",
-    "list-datasets": "no body -> ListDatasetsResponse bytes (newest version of each dataset)",
-}
+
+def _batch_rows(table: pa.Table) -> int:
+    """Rows per streamed batch so that one message carries about STREAM_BATCH_BYTES."""
+    row_bytes = max(1, table.nbytes // max(1, table.num_rows))
+    return max(1, min(STREAM_BATCH_ROWS, STREAM_BATCH_BYTES // row_bytes))
+
+
+def _row_bytes(schema: pa.Schema) -> int | None:
+    """Bytes per row of the Arrow data a read sends (dictionary columns by their indices);
+    None when a column has no fixed width."""
+    total = 0
+    for field in schema:
+        type_ = field.type.index_type if pa.types.is_dictionary(field.type) else field.type
+        try:
+            total += (type_.bit_width + 7) // 8
+        except ValueError:  # strings, lists: no fixed width
+            return None
+    return total
 
 
 class WriteThrough:
@@ -52,6 +72,11 @@ class WriteThrough:
     A queue bounded in entries and bytes feeds one background thread; when it is full the
     shard is dropped (the next miss will offer it again). Failures are logged and counted, never
     raised into a response.
+
+    A write waits until no read is streaming here (`streaming()`), for up to
+    `max_delay_seconds`: sending a shard to the cache costs about as much CPU as serving it,
+    so writing while other shards of the same plan stream would slow the very reads it is
+    meant to speed up.
     """
 
     _STOP = object()
@@ -62,11 +87,15 @@ class WriteThrough:
         max_pending: int,
         max_pending_bytes: int = 256 << 20,
         timeout_seconds: float = 30.0,
+        max_delay_seconds: float = 2.0,
     ):
         self.address = address
         self.written = 0
         self.dropped = 0
         self.failed = 0
+        self._max_delay = max_delay_seconds
+        self._streams = 0
+        self._quiet = threading.Condition()
         self._max_pending_bytes = max_pending_bytes
         self._pending_bytes = 0
         self._options = flight.FlightCallOptions(timeout=timeout_seconds)
@@ -96,12 +125,27 @@ class WriteThrough:
             self._pending_bytes += size
         return True
 
+    @contextmanager
+    def streaming(self) -> Iterator[None]:
+        """Marks a read streaming from this service, which queued writes wait for."""
+        with self._quiet:
+            self._streams += 1
+        try:
+            yield
+        finally:
+            with self._quiet:
+                self._streams -= 1
+                if not self._streams:
+                    self._quiet.notify_all()
+
     def _run(self) -> None:
         client: flight.FlightClient | None = None
         while True:
             item = self._queue.get()
             if item is self._STOP:
                 break
+            with self._quiet:
+                self._quiet.wait_for(lambda: not self._streams, self._max_delay)
             key, ticket, table = item
             try:
                 if client is None:
@@ -132,11 +176,17 @@ class ShardFlightServer(flight.FlightServerBase):
     """Arrow Flight over a Catalog; it listens from construction (read `.port`)."""
 
     def __init__(
-        self, catalog: Catalog, settings: Settings, write_through: WriteThrough | None = None
+        self,
+        catalog: Catalog,
+        settings: Settings,
+        write_through: WriteThrough | None = None,
+        sources: Sources | None = None,
     ):
         super().__init__(flight_location(f"{settings.host}:{settings.shard_flight_port}"))
         self.catalog = catalog
+        self.max_batch_bytes = settings.max_message_bytes
         self.write_through = write_through
+        self.sources = sources
         host = settings.host
         if host in _WILDCARD_HOSTS:
             # Listening on every interface: advertise the configured address or our name.
@@ -175,7 +225,7 @@ class ShardFlightServer(flight.FlightServerBase):
         with flight_errors():
             request = data_request(descriptor)
             info = self.catalog.describe(request.dataset, request.version)
-            return flight.SchemaResult(self.catalog.prepared_schema(info, prep_of(request)))
+            return flight.SchemaResult(self.catalog.prepared_schema(info, prep_of(request, info)))
 
     def _flight_info(
         self,
@@ -183,7 +233,7 @@ class ShardFlightServer(flight.FlightServerBase):
         request: data_pb2.DataRequest,
         info: DatasetInfo,
     ) -> flight.FlightInfo:
-        schema = self.catalog.prepared_schema(info, prep_of(request))
+        schema = self.catalog.prepared_schema(info, prep_of(request, info))
         shards = len(info.shards)
         order = (
             epoch_permutation(shards, request.seed, request.epoch)
@@ -197,32 +247,48 @@ class ShardFlightServer(flight.FlightServerBase):
             )
             for shard in order
         ]
-        return flight.FlightInfo(schema, descriptor, endpoints, info.rows, info.bytes)
+        if request.HasField("filter"):
+            return flight.FlightInfo(schema, descriptor, endpoints, -1, -1)  # unknown
+        width = _row_bytes(schema)
+        total_bytes = info.rows * width if width is not None else -1
+        return flight.FlightInfo(schema, descriptor, endpoints, info.rows, total_bytes)
 
     # --- reads -------------------------------------------------------------------------------
 
     def do_get(
         self, context: flight.ServerCallContext, ticket: flight.Ticket
     ) -> flight.FlightDataStream:
-        with flight_errors():
+        with flight_errors(), self._reading():
             shard = shard_ticket(ticket.ticket)
-            if shard.version == 0:
-                shard.version = self.catalog.describe(shard.dataset).version
+            info = self.catalog.describe(shard.dataset, shard.version)
+            shard.version = info.version
             table = self.catalog.read_prepared(
-                shard.dataset,
-                shard.version,
-                shard.shard,
-                prep_of(shard),
+                shard.dataset, shard.version, shard.shard, prep_of(shard, info)
             )
             arranged = arrange(table, shard)
-            return flight.GeneratorStream(arranged.schema, self._stream(arranged, shard, table))
+            # A reader over the generator, not GeneratorStream: only the former sends the
+            # dictionaries of categorical columns.
+            batches = self._stream(arranged, shard, table)
+            return flight.RecordBatchStream(
+                pa.RecordBatchReader.from_batches(arranged.schema, batches)
+            )
+
+    def _reading(self) -> AbstractContextManager[object]:
+        """A read preparing or streaming here, which queued write-throughs wait for."""
+        return nullcontext() if self.write_through is None else self.write_through.streaming()
 
     def _stream(
         self, arranged: pa.Table, ticket: data_pb2.ShardTicket, prepared: pa.Table
     ) -> Iterator[pa.RecordBatch]:
-        yield from arranged.to_batches(max_chunksize=STREAM_BATCH_ROWS)
-        # Only after the last batch went out: the write-through never delays the response.
+        # A stream with dictionary columns must carry a batch for the reader to get the
+        # dictionaries, so an empty shard (or a resume past the end) sends one empty batch.
+        batches = arranged.to_batches(max_chunksize=_batch_rows(arranged)) or [
+            pa.RecordBatch.from_pylist([], schema=arranged.schema)
+        ]
+        with self._reading():
+            yield from batches
         if self.write_through is not None:
+            # Only after the last batch went out: the write-through never delays the response.
             self.write_through.submit(ticket, prepared)
 
     # --- ingest ------------------------------------------------------------------------------
@@ -236,14 +302,38 @@ class ShardFlightServer(flight.FlightServerBase):
     ) -> None:
         with flight_errors():
             request = ingest_request(descriptor)
-            info = self.catalog.ingest(
-                request.dataset,
-                reader.schema,
-                put_batches(reader),
-                shards=request.shards,
-                key=request.key,
-            )
+            if request.source:
+                raise InvalidArgument("DoPut streams its data: a source is for the ingest action")
+            schema = put_schema(reader)
+            info = self._ingest(request, schema, put_batches(reader, self.max_batch_bytes))
             writer.write(pa.py_buffer(info_to_pb(info).SerializeToString()))
+
+    def _ingest(
+        self,
+        request: data_pb2.IngestRequest,
+        schema: pa.Schema,
+        batches: Iterator[pa.RecordBatch],
+    ) -> DatasetInfo:
+        return self.catalog.ingest(
+            request.dataset,
+            schema,
+            batches,
+            shards=request.shards,
+            key=request.key,
+            partitioning=partitioning_of(request),
+            bounds=tuple(request.bounds),
+            target=request.target,
+            positive_class=request.positive_class,
+        )
+
+    def _ingest_source(self, body: bytes) -> bytes:
+        request = parse_message(data_pb2.IngestRequest, body, "the ingest body")
+        validate_name("dataset", request.dataset)
+        if self.sources is None:
+            raise InvalidArgument("this shard service reads no sources: stream the data by DoPut")
+        reader = self.sources.open(request.source, request.format)
+        info = self._ingest(request, reader.schema, iter(reader))
+        return info_to_pb(info).SerializeToString()
 
     # --- actions -----------------------------------------------------------------------------
 
@@ -264,6 +354,9 @@ class ShardFlightServer(flight.FlightServerBase):
                     datasets=[info_to_pb(info) for info in self.catalog.list()]
                 )
                 result = response.SerializeToString()
+            elif action.type == "ingest":
+                body = action.body.to_pybytes() if action.body is not None else b""
+                result = self._ingest_source(body)
             else:
                 raise InvalidArgument(
                     f"unknown action {action.type!r}; actions: {', '.join(ACTIONS)}"

@@ -1,5 +1,6 @@
-"""How ingested rows are assigned to shards: dealt round-robin in slices, or by a stable hash
-of a key column (so every row of one key lands in one shard, in any process, on any run)."""
+"""How ingested rows are assigned to shards: dealt round-robin in slices, by a stable hash
+of a key column (so every row of one key lands in one shard, in any process, on any run), or
+by ranges of a numeric column."""
 
 from __future__ import annotations
 
@@ -22,12 +23,22 @@ class Partitioner:
     Without a key, each batch is cut into min(shards, rows) near-equal contiguous slices dealt
     to the shards after the last one used: a stream of many small batches is round-robin by
     batch, and one large batch still fills every shard. With a key, a row goes to
-    `hash(key) % shards`.
+    `hash(key) % shards`; with a key and `ranges`, to the shard whose range holds the key's
+    value (shard k: bounds[k-1] <= x < bounds[k]; missing values go to shard 0). Ranges
+    without bounds take the quantiles of the first batch, so a stream is placed in one pass.
     """
 
-    def __init__(self, shards: int, key_index: int | None = None):
+    def __init__(
+        self,
+        shards: int,
+        key_index: int | None = None,
+        ranges: bool = False,
+        bounds: tuple[float, ...] = (),
+    ):
         self.shards = shards
         self._key_index = key_index
+        self._ranges = ranges
+        self.bounds = bounds
         self._cursor = 0
 
     def split(self, batch: pa.RecordBatch) -> Iterator[tuple[int, pa.RecordBatch]]:
@@ -44,7 +55,11 @@ class Partitioner:
                 start += length
             self._cursor = (self._cursor + parts) % self.shards
             return
-        ids = (key_hash(batch.column(self._key_index)) % np.uint64(self.shards)).astype(np.int64)
+        if self._ranges:
+            ids = self._range_ids(batch.column(self._key_index))
+        else:
+            hashed = key_hash(batch.column(self._key_index))
+            ids = (hashed % np.uint64(self.shards)).astype(np.int64)
         order = np.argsort(ids, kind="stable")
         counts = np.bincount(ids, minlength=self.shards)
         grouped = batch.take(pa.array(order))
@@ -53,6 +68,17 @@ class Partitioner:
             if length:
                 yield shard, grouped.slice(start, length)
             start += length
+
+    def _range_ids(self, column: pa.Array) -> np.ndarray:
+        values = pc.cast(column, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
+        if not self.bounds:
+            present = values[~np.isnan(values)]
+            if len(present) == 0:
+                present = np.zeros(1)
+            cuts = np.quantile(present, np.arange(1, self.shards) / self.shards)
+            self.bounds = tuple(float(b) for b in cuts)
+        ids = np.searchsorted(np.asarray(self.bounds), values, side="right")
+        return np.where(np.isnan(values), 0, ids).astype(np.int64)
 
 
 def _mix(values: np.ndarray) -> np.ndarray:

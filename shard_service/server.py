@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from onehop.server import GrpcServer, Running
 from onehop.settings import Settings
 from shard_service.catalog import Catalog
 from shard_service.flight import ShardFlightServer, WriteThrough
+from shard_service.sources import Sources
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,11 @@ async def start(settings: Settings) -> Running:
         if settings.cache_flight_address
         else None
     )
-    flight_server = ShardFlightServer(catalog, settings, write_through)
+    sources = Sources(
+        Path(settings.source_root) if settings.source_root else settings.data_dir,
+        tuple(s.strip().lower() for s in settings.source_schemes.split(",") if s.strip()),
+    )
+    flight_server = ShardFlightServer(catalog, settings, write_through, sources)
     health = GrpcServer(settings, settings.shard_grpc_port)
     try:
         await health.start()

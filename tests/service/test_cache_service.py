@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -12,10 +14,12 @@ import pyarrow.flight as flight
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cache_service.flight import BATCH_BYTES, CacheFlightServer
 from cache_service.server import CacheServer, start
+from cache_service.store import CacheStore
 from onehop.channels import aio_channel, flight_location
 from onehop.dataplane import arrange
-from onehop.errors import FailedPrecondition, NotFound, from_flight_error
+from onehop.errors import FailedPrecondition, InvalidArgument, NotFound, from_flight_error
 from onehop.settings import Settings
 from protos.onehop.v1 import cache_pb2, cache_pb2_grpc, data_pb2
 
@@ -160,6 +164,39 @@ async def test_flight_put_then_get_returns_the_shard(
     assert stats.namespaces["shard"].entries == 1
 
 
+def test_flight_get_sends_in_place_and_lets_go_of_the_map_when_the_client_leaves(
+    tmp_path: Path,
+) -> None:
+    store = CacheStore(tmp_path / "cache", 256 << 20)
+    server = CacheFlightServer(store, "grpc+tcp://127.0.0.1:0")
+    client = flight.connect(f"grpc+tcp://127.0.0.1:{server.port}")
+    try:
+        table = shard_table(rows=2_000_000)  # 48 MB, put as one batch: more than Flight buffers
+        put_whole(client, ticket(), table)
+
+        reader = client.do_get(flight.Ticket(ticket().SerializeToString()))
+        first = reader.read_chunk().data
+        # The entry is replaced under the stream: the stream still sends its own snapshot.
+        for k in range(3):
+            put_whole(client, ticket(), shard_table(rows=2_000_000).slice(k))
+        streamed = pa.Table.from_batches([first, *reader.read_all().to_batches()])
+        assert streamed.equals(table)
+        # Stored (and sent) in batches of a few MiB, whatever the writer sent.
+        assert max(batch.nbytes for batch in streamed.to_batches()) <= BATCH_BYTES
+
+        reader = client.do_get(flight.Ticket(ticket().SerializeToString()))
+        reader.read_chunk()
+        reader.cancel()  # the client leaves mid-stream
+        deadline = time.monotonic() + 10  # Flight ends the call once it sees that
+        while store.pinned_reads and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store.pinned_reads == 0
+    finally:
+        client.close()
+        server.shutdown()
+        store.close()
+
+
 async def test_flight_get_of_an_uncached_shard_is_not_found(
     flight_client: flight.FlightClient, stub: cache_pb2_grpc.CacheStub
 ) -> None:
@@ -224,9 +261,158 @@ def put_descriptor(
     writer.close()
 
 
+def put_whole(client: flight.FlightClient, shard: data_pb2.ShardTicket, table: pa.Table) -> None:
+    writer, _ = client.do_put(
+        flight.FlightDescriptor.for_command(shard.SerializeToString()), table.schema
+    )
+    writer.write_table(table)
+    writer.close()
+
+
 def put_shard(client: flight.FlightClient, shard: data_pb2.ShardTicket, table: pa.Table) -> None:
     put_descriptor(client, flight.FlightDescriptor.for_command(shard.SerializeToString()), table)
 
 
 def get_shard(client: flight.FlightClient, shard: data_pb2.ShardTicket) -> pa.Table:
     return client.do_get(flight.Ticket(shard.SerializeToString())).read_all()
+
+
+async def test_touch_counts_remote_hits_and_skips_unknown_keys(
+    stub: cache_pb2_grpc.CacheStub,
+) -> None:
+    await stub.Put(cache_pb2.PutRequest(key=b"pred/m/seen", value=b"v"))
+    reply = await stub.Touch(
+        cache_pb2.TouchRequest(
+            hits=[b"pred/m/seen", b"pred/m/seen", b"pred/m/evicted", b""],
+            misses={"pred": 3, "": 5, "x" * 200: 1},
+            dropped=7,
+        )
+    )
+    assert reply.applied == 2
+    stats = await stub.GetStats(cache_pb2.GetStatsRequest())
+    assert (stats.namespaces["pred"].hits, stats.namespaces["pred"].misses) == (2, 3)
+    assert set(stats.namespaces) == {"pred"}  # malformed namespaces were not counted
+    assert stats.hints_dropped == 7
+
+
+async def test_stream_put_and_get_of_a_value_larger_than_one_chunk(
+    stub: cache_pb2_grpc.CacheStub,
+) -> None:
+    from cache_service.servicer import STREAM_CHUNK_BYTES
+
+    value = os.urandom(2 * STREAM_CHUNK_BYTES + 123)
+
+    async def chunks():
+        yield cache_pb2.StreamPutRequest(key=b"shard/d/large", ttl_seconds=60)
+        for offset in range(0, len(value), 700_000):
+            yield cache_pb2.StreamPutRequest(chunk=value[offset : offset + 700_000])
+
+    put = await stub.StreamPut(chunks())
+    assert put.bytes == len(value)
+
+    parts = [
+        part async for part in stub.StreamGet(cache_pb2.StreamGetRequest(key=b"shard/d/large"))
+    ]
+    assert len(parts) == 3 and all(part.found for part in parts)
+    assert parts[0].total_bytes == len(value)
+    assert b"".join(part.chunk for part in parts) == value
+    assert (await stub.Get(cache_pb2.GetRequest(key=b"shard/d/large"))).value == value
+
+    missing = [part async for part in stub.StreamGet(cache_pb2.StreamGetRequest(key=b"shard/x"))]
+    assert [part.found for part in missing] == [False]
+
+
+async def test_stream_put_errors_keep_the_cache_unchanged(settings: Settings) -> None:
+    settings = settings.model_copy(update={"cache_size_bytes": 16 << 20})
+    running = await start(settings)
+    try:
+        async with aio_channel(running.endpoints["grpc"], settings) as channel:
+            stub = cache_pb2_grpc.CacheStub(channel)
+            await stub.Put(cache_pb2.PutRequest(key=b"shard/d/big", value=b"old"))
+
+            async def too_large():
+                yield cache_pb2.StreamPutRequest(key=b"shard/d/big")
+                for _ in range(17):
+                    yield cache_pb2.StreamPutRequest(chunk=bytes(1 << 20))
+
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.StreamPut(too_large())
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+            async def no_key():
+                yield cache_pb2.StreamPutRequest(chunk=b"data")
+
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.StreamPut(no_key())
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "1-511 bytes, got 0" in info.value.details()
+
+            got = await stub.Get(cache_pb2.GetRequest(key=b"shard/d/big"))
+            assert got.value == b"old"
+    finally:
+        await running.stop()
+
+
+async def test_corrupt_value_over_grpc_is_a_miss_counted_in_stats(settings: Settings) -> None:
+    import lmdb
+
+    running = await start(settings)
+    async with aio_channel(running.endpoints["grpc"], settings) as channel:
+        await cache_pb2_grpc.CacheStub(channel).Put(
+            cache_pb2.PutRequest(key=b"pred/m/flip", value=b"payload")
+        )
+    await running.stop()
+    env = lmdb.open(str(settings.service_dir("cache")), map_size=128 << 20)
+    with env.begin(write=True) as txn:
+        raw = bytearray(txn.get(b"pred/m/flip"))
+        raw[-1] ^= 0x01
+        txn.put(b"pred/m/flip", bytes(raw))
+    env.close()
+
+    running = await start(settings)
+    try:
+        async with aio_channel(running.endpoints["grpc"], settings) as channel:
+            stub = cache_pb2_grpc.CacheStub(channel)
+            assert not (await stub.Get(cache_pb2.GetRequest(key=b"pred/m/flip"))).found
+            pred = (await stub.GetStats(cache_pb2.GetStatsRequest())).namespaces["pred"]
+            assert (pred.corrupt, pred.misses, pred.hits) == (1, 1, 0)
+            # Removed by the writer, so the entry count drops to zero.
+            for _ in range(1000):  # up to 10 s: the removal is a durable commit
+                if not (
+                    await stub.Contains(cache_pb2.ContainsRequest(keys=[b"pred/m/flip"]))
+                ).found[0]:
+                    break
+                await asyncio.sleep(0.01)
+            stats = await stub.GetStats(cache_pb2.GetStatsRequest())
+            assert stats.namespaces["pred"].entries == 0
+    finally:
+        await running.stop()
+
+
+async def test_flight_batch_get_action_matches_the_grpc_batch_get(
+    flight_client: flight.FlightClient, stub: cache_pb2_grpc.CacheStub
+) -> None:
+    from cache_service.client import flight_batch_get, unpack_batch
+
+    entries = [cache_pb2.Entry(key=f"pred/m/{i}".encode(), value=bytes([i]) * i) for i in range(5)]
+    await stub.BatchPut(cache_pb2.BatchPutRequest(entries=entries))
+    keys = [b"pred/m/4", b"pred/m/none", b"pred/m/0", b"pred/m/2"]
+
+    via_flight = await asyncio.to_thread(flight_batch_get, flight_client, keys)
+    packed = await stub.BatchGet(cache_pb2.BatchGetRequest(keys=keys, packed=True))
+    plain = await stub.BatchGet(cache_pb2.BatchGetRequest(keys=keys))
+    assert via_flight == unpack_batch(packed) == unpack_batch(plain)
+    assert via_flight == [b"\x04" * 4, None, b"", b"\x02" * 2]
+    assert list(packed.values) == [] and list(packed.sizes) == [4, 0, 0, 2]
+    pred = (await stub.GetStats(cache_pb2.GetStatsRequest())).namespaces["pred"]
+    assert (pred.hits, pred.misses) == (9, 3)
+
+    with pytest.raises(InvalidArgument, match="1-511 bytes, got 0"):
+        await asyncio.to_thread(flight_batch_get, flight_client, [b"pred/ok", b""])
+    bad_body = flight.Action("BatchGet", b"\xff\xff\xff")
+    with pytest.raises(flight.FlightError) as info:
+        await asyncio.to_thread(lambda: list(flight_client.do_action(bad_body)))
+    assert from_flight_error(info.value).code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(flight.FlightError) as info:
+        await asyncio.to_thread(lambda: list(flight_client.do_action(flight.Action("Nope", b""))))
+    assert "unknown cache action 'Nope'" in from_flight_error(info.value).message

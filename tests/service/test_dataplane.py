@@ -1,25 +1,36 @@
 """DataClient against a real cache and a real shard service (in-process, port 0): plans put
 cached shards first once a read wrote them through, and reads fall back past a cache that
-lost an entry or is down."""
+lost an entry or is down; and the gateway's Flight front over them, used by a stock
+pyarrow.flight client in its own process."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 
+import httpx
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.flight as flight
+import pyarrow.parquet as pq
 import pytest
 
 from cache_service.server import start as start_cache
-from onehop.channels import flight_location, sync_channel
-from onehop.dataplane import DataClient
-from onehop.errors import InvalidArgument, NotFound, Unavailable
+from gateway.control import GatewayControl
+from gateway.flight import GatewayFlightServer
+from gateway.http import create_app
+from onehop.channels import aio_channel, flight_location, sync_channel
+from onehop.dataplane import DataClient, put_dataset
+from onehop.errors import InvalidArgument, NotFound, Unavailable, from_flight_error
 from onehop.keys import shard_key
 from onehop.settings import Settings
 from protos.onehop.v1 import cache_pb2, cache_pb2_grpc, data_pb2
@@ -202,7 +213,10 @@ def test_read_falls_back_when_the_cache_lost_an_entry(client: DataClient, mesh: 
     assert locations(warm.endpoints[0])[0] == flight_location(mesh.settings.cache_flight_address)
     assert client.read(warm.endpoints[0]).equals(expected[0])  # via the shard service
     assert mesh.stats().misses > misses_before  # the cache was asked first and said no
-    assert client.read_ticket(warm.endpoints[1].ticket.ticket).equals(expected[1])
+    # A bare ticket is planned alone: one Contains, the cache first when it holds the shard.
+    bare = client.endpoint_for(warm.endpoints[1].ticket.ticket)
+    assert locations(bare) == locations(warm.endpoints[1])
+    assert client.read(bare).equals(expected[1])
     # The fallback read wrote the shard through again.
     mesh.wait_cached([lost])
 
@@ -210,7 +224,7 @@ def test_read_falls_back_when_the_cache_lost_an_entry(client: DataClient, mesh: 
 def test_all_locations_failing_raises_the_domain_error(client: DataClient) -> None:
     ticket = data_pb2.ShardTicket(dataset="missing", version=1).SerializeToString()
     with pytest.raises(NotFound, match="no dataset 'missing'"):
-        client.read_ticket(ticket)
+        client.read(client.endpoint_for(ticket))
     with pytest.raises(NotFound):
         client.plan(data_pb2.DataRequest(dataset="missing"))
     client.ingest("loans", make_table(rows=10))
@@ -228,8 +242,12 @@ def test_a_cache_that_is_down_is_a_miss(mesh: Mesh) -> None:
         plan = client.plan(data_pb2.DataRequest(dataset="loans"))
         shard_location = flight_location(settings.shard_address)
         assert all(locations(e) == [shard_location] for e in plan.endpoints)
-        # read_ticket tries the (dead) cache first, then the shard service.
-        rows = sum(client.read_ticket(e.ticket.ticket).num_rows for e in plan.endpoints)
+        # A location that is down is skipped for the next one.
+        dead = flight.Location(flight_location(settings.cache_flight_address))
+        rows = sum(
+            client.read(flight.FlightEndpoint(e.ticket, [dead, shard_location])).num_rows
+            for e in plan.endpoints
+        )
         assert rows == 100
 
 
@@ -245,3 +263,133 @@ def test_no_cache_configured(mesh: Mesh) -> None:
 def test_without_a_shard_address_calls_are_unavailable(settings: Settings) -> None:
     with DataClient(settings) as client, pytest.raises(Unavailable, match="SHARD_ADDRESS"):
         client.list_datasets()
+
+
+# --- the gateway's Flight front ---------------------------------------------------------------
+
+# A client with nothing but pyarrow: lists, plans and reads through the gateway, then reads
+# the same plan directly at each endpoint's first location.
+STOCK_CLIENT = """
+import json, sys
+import pyarrow.flight as flight
+client = flight.connect("grpc+tcp://" + sys.argv[1])
+listed = [(i.descriptor.path[0].decode(), i.total_records) for i in client.list_flights()]
+info = client.get_flight_info(flight.FlightDescriptor.for_path("loans"))
+proxied = [client.do_get(e.ticket).read_all() for e in info.endpoints]
+direct = [flight.connect(e.locations[0]).do_get(e.ticket).read_all() for e in info.endpoints]
+ids = sorted(i for t in proxied for i in t.column("id").to_pylist())
+print(json.dumps({
+    "listed": listed,
+    "records": info.total_records,
+    "bytes": info.total_bytes,
+    "schema": info.schema.names,
+    "endpoints": len(info.endpoints),
+    "ids": ids,
+    "same": all(p.equals(d) for p, d in zip(proxied, direct)),
+    "first": [e.locations[0].uri.decode() for e in info.endpoints],
+}))
+"""
+
+
+@pytest.fixture
+def gateway(mesh: Mesh) -> Iterator[str]:
+    settings = mesh.settings.model_copy(update={"gateway_flight_port": 0})
+    with DataClient(settings) as data, GatewayFlightServer(settings, data) as server:
+        yield f"127.0.0.1:{server.port}"
+
+
+def stock_client(gateway: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", STOCK_CLIENT, gateway], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_stock_flight_client_lists_plans_and_reads_through_the_gateway(
+    gateway: str, mesh: Mesh
+) -> None:
+    table = make_table()
+    with flight.connect(f"grpc+tcp://{gateway}") as client:
+        info = put_dataset(client, "loans", table)  # DoPut through the gateway
+    assert info.rows == 1200
+
+    cold = stock_client(gateway)
+    assert cold["listed"] == [["loans", 1200]]
+    assert (cold["records"], cold["bytes"]) == (1200, 1200 * (8 + 8 + 1))
+    assert cold["schema"] == ["id", "x", "label"] and cold["endpoints"] == 4
+    assert cold["ids"] == list(range(1200)) and cold["same"]
+    shard = flight_location(mesh.settings.shard_address)
+    assert set(cold["first"]) == {shard}
+
+    with DataClient(mesh.settings) as client:
+        keys = keys_of(client.plan(data_pb2.DataRequest(dataset="loans")))
+    mesh.wait_cached(keys)  # the reads above wrote the shards through
+    hits_before = mesh.stats().hits
+    warm = stock_client(gateway)
+    assert set(warm["first"]) == {flight_location(mesh.settings.cache_flight_address)}
+    assert warm["ids"] == list(range(1200)) and warm["same"]
+    # Proxied and direct reads were both served by the cache.
+    assert mesh.stats().hits >= hits_before + 8
+
+
+def test_gateway_actions_and_errors(gateway: str, mesh: Mesh) -> None:
+    source = mesh.settings.data_dir / "loans.csv"
+    pacsv.write_csv(make_table(rows=30), source)
+    with flight.connect(f"grpc+tcp://{gateway}") as client:
+        assert {a.type for a in client.list_actions()} == {"describe", "list-datasets", "ingest"}
+        body = data_pb2.IngestRequest(dataset="csv", source="loans.csv").SerializeToString()
+        (result,) = list(client.do_action(flight.Action("ingest", body)))
+        assert data_pb2.DatasetInfo.FromString(result.body.to_pybytes()).rows == 30
+        for call, expected in [
+            (lambda: client.do_get(flight.Ticket(b"")).read_all(), InvalidArgument),
+            (lambda: client.do_get(flight.Ticket(b"\xff garbage")).read_all(), InvalidArgument),
+            (
+                lambda: client.do_get(
+                    flight.Ticket(data_pb2.ShardTicket(dataset="nope").SerializeToString())
+                ).read_all(),
+                NotFound,
+            ),
+            (lambda: list(client.do_action(flight.Action("drop", b""))), InvalidArgument),
+        ]:
+            with pytest.raises((flight.FlightError, pa.ArrowException)) as caught:
+                call()
+            assert isinstance(from_flight_error(caught.value), expected), str(caught.value)
+            assert "Traceback" not in str(caught.value)
+
+
+async def test_http_upload_streams_a_file_into_a_new_version(mesh: Mesh, tmp_path) -> None:
+    table = make_table(rows=500)
+    csv_path = tmp_path / "loans.csv"
+    pacsv.write_csv(table, csv_path)
+    parquet = tmp_path / "loans.parquet"
+    pq.write_table(table, parquet)
+    with DataClient(mesh.settings) as data:
+        channel = aio_channel(dead_address(), mesh.settings)  # no trainer needed here
+        control = GatewayControl(mesh.settings, channel, data)
+        app = create_app(SimpleNamespace(settings=mesh.settings), control)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+            reply = await http.post(
+                "/v1/datasets", params={"name": "loans", "shards": 2}, content=csv_path.read_bytes()
+            )
+            assert reply.status_code == 201, reply.text
+            assert (reply.json()["version"], reply.json()["rows"]) == (1, 500)
+            reply = await http.post(
+                "/v1/datasets",
+                params={"name": "loans", "format": "parquet"},
+                content=parquet.read_bytes(),
+            )
+            assert reply.status_code == 201 and reply.json()["version"] == 2
+
+            bad = [
+                ({"name": "loans"}, b"a,b\n1,2\n3\n", "Row #3"),
+                ({"name": "loans", "format": "parquet"}, b"not parquet", "not a readable parquet"),
+                ({"name": "../x"}, b"a\n1\n", "invalid dataset name"),
+                ({"name": "loans"}, b"", "body is empty"),
+            ]
+            for params, body, message in bad:
+                reply = await http.post("/v1/datasets", params=params, content=body)
+                assert reply.status_code == 400 and message in reply.json()["error"], reply.text
+        await channel.close()
+        assert [(d.name, d.version) for d in data.list_datasets()] == [("loans", 2)]

@@ -8,15 +8,24 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.flight as flight
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from onehop.channels import aio_channel, flight_location
 from onehop.dataplane import INGEST_ABORT, epoch_permutation
-from onehop.errors import InvalidArgument, NotFound, OnehopError, from_flight_error
+from onehop.errors import (
+    InvalidArgument,
+    NotFound,
+    OnehopError,
+    PermissionDenied,
+    ResourceExhausted,
+    from_flight_error,
+)
 from onehop.settings import Settings
 from protos.onehop.v1 import data_pb2
+from shard_service.columns import CATEGORICAL
 from shard_service.flight import WriteThrough
 from shard_service.server import start
 
@@ -50,6 +59,21 @@ async def shard(settings: Settings) -> AsyncIterator[dict[str, str]]:
 def client(shard: dict[str, str]):
     with flight.connect(flight_location(shard["flight"])) as client:
         yield client
+
+
+def stored_schema(schema: pa.Schema) -> pa.Schema:
+    """What the service serves: strings dictionary-encoded."""
+    return pa.schema(
+        [pa.field(f.name, CATEGORICAL) if f.type == pa.string() else f for f in schema]
+    )
+
+
+def decoded(table: pa.Table) -> pa.Table:
+    return table.cast(
+        pa.schema(
+            [pa.field(f.name, pa.string()) if f.type == CATEGORICAL else f for f in table.schema]
+        )
+    )
 
 
 def put(client: flight.FlightClient, descriptor, table: pa.Table) -> data_pb2.DatasetInfo:
@@ -99,7 +123,7 @@ def test_put_list_plan_get_reconstructs_the_table(client, shard) -> None:
 
     plan = client.get_flight_info(flight.FlightDescriptor.for_path("loans", "1"))
     assert plan.total_records == 2000 and plan.total_bytes > 0
-    assert plan.schema == table.schema
+    assert plan.schema == stored_schema(table.schema)
     assert [ticket_of(e).shard for e in plan.endpoints] == [0, 1, 2, 3]
     assert {ticket_of(e).version for e in plan.endpoints} == {1}
     for endpoint in plan.endpoints:
@@ -107,11 +131,12 @@ def test_put_list_plan_get_reconstructs_the_table(client, shard) -> None:
             flight_location(shard["flight"])
         ]
     whole = pa.concat_tables(read_endpoints(client, plan)).sort_by("id")
-    assert whole.equals(table)
+    assert decoded(whole).equals(table)
 
     newest = client.get_flight_info(flight.FlightDescriptor.for_path("loans"))
     assert newest.total_records == 10
-    assert client.get_schema(flight.FlightDescriptor.for_path("loans")).schema == table.schema
+    schema = client.get_schema(flight.FlightDescriptor.for_path("loans")).schema
+    assert schema == stored_schema(table.schema)
 
 
 def test_ingest_command_with_shards_and_key(client) -> None:
@@ -183,7 +208,7 @@ def test_offset_resumes_the_same_order(client) -> None:
 
 def test_actions(client) -> None:
     put(client, flight.FlightDescriptor.for_path("loans"), make_table(rows=100))
-    assert {a.type for a in client.list_actions()} == {"describe", "list-datasets"}
+    assert {a.type for a in client.list_actions()} == {"describe", "list-datasets", "ingest"}
     body = data_pb2.DataRequest(dataset="loans").SerializeToString()
     (result,) = list(client.do_action(flight.Action("describe", body)))
     info = data_pb2.DatasetInfo.FromString(result.body.to_pybytes())
@@ -288,3 +313,129 @@ def test_write_through_drops_when_full_and_never_raises() -> None:
     assert failing.submit(tickets[3], table)
     failing.close(timeout=10)
     assert (failing.written, failing.failed) == (0, 1)
+
+
+def test_write_through_waits_for_reads_streaming_here() -> None:
+    table = make_table(rows=10)
+    shard = data_pb2.ShardTicket(dataset="d", version=1, shard=0)
+    with BlockingCache() as cache:
+        cache.release.set()
+        write_through = WriteThrough(f"127.0.0.1:{cache.port}", max_pending=4)
+        with write_through.streaming():
+            assert write_through.submit(shard, table)
+            assert not cache.entered.wait(0.5)  # held back while a read streams
+        assert cache.entered.wait(10)  # sent once the read ended
+        write_through.close(timeout=10)
+        assert write_through.written == 1
+
+        # A read that never ends delays a write by max_delay_seconds at most.
+        patient = WriteThrough(f"127.0.0.1:{cache.port}", max_pending=4, max_delay_seconds=0.1)
+        with patient.streaming():
+            assert patient.submit(shard, table)
+            patient.close(timeout=10)
+            assert patient.written == 1
+
+
+def ingest_action(client: flight.FlightClient, **fields) -> data_pb2.DatasetInfo:
+    body = data_pb2.IngestRequest(**fields).SerializeToString()
+    (result,) = list(client.do_action(flight.Action("ingest", body)))
+    return data_pb2.DatasetInfo.FromString(result.body.to_pybytes())
+
+
+def test_ingest_action_reads_sources_under_the_root(client, settings: Settings, tmp_path) -> None:
+    table = make_table(rows=500)
+    source = settings.data_dir / "incoming" / "loans.csv"
+    source.parent.mkdir(parents=True)
+    pacsv.write_csv(table, source)
+    (source.parent / "ragged.csv").write_text("a,b\n1,2\n3\n")
+    outside = tmp_path / "outside.csv"
+    pacsv.write_csv(table, outside)
+
+    info = ingest_action(
+        client, dataset="loans", source="incoming/loans.csv", key="age", partitioning=3,
+        bounds=[30, 60],
+    )  # fmt: skip
+    assert (info.rows, [s.rows for s in info.shards]) == (500, [
+        int((table.column("age").to_numpy() < 30).sum()),
+        int(((table.column("age").to_numpy() >= 30) & (table.column("age").to_numpy() < 60)).sum()),
+        int((table.column("age").to_numpy() >= 60).sum()),
+    ])  # fmt: skip
+    assert info.partitioning == "range:age"
+    city = next(c for c in info.columns if c.name == "city")
+    assert list(city.categories) == ["lima", "oslo", "paris"]
+
+    cases = [
+        ({"source": "incoming/ragged.csv"}, InvalidArgument, "Row #3"),
+        ({"source": str(outside)}, PermissionDenied, "outside the source root"),
+        ({"source": "http://example.com/x.csv"}, InvalidArgument, "not allowed"),
+        ({"source": "incoming/none.csv"}, NotFound, "no such source"),
+    ]
+    for fields, expected, message in cases:
+        error, text = error_of(lambda f=fields: ingest_action(client, dataset="other", **f))
+        assert isinstance(error, expected) and message in error.message, text
+        assert "Traceback" not in text
+    assert [i.descriptor.path[0] for i in client.list_flights()] == [b"loans"]
+
+
+def test_corrupt_ipc_in_doput_is_refused(client) -> None:
+    good = pa.array(["alpha", "beta"])
+    _, offsets, data = good.buffers()
+    bad_data = pa.py_buffer(b"\xff\xfe" + data.to_pybytes()[2:])
+    corrupt = pa.Array.from_buffers(pa.string(), 2, [None, offsets, bad_data])
+    table = pa.table({"name": corrupt})
+    error, text = error_of(lambda: put(client, flight.FlightDescriptor.for_path("names"), table))
+    assert isinstance(error, InvalidArgument) and "corrupt record batch" in error.message, text
+    assert list(client.list_flights()) == []
+    # The service is still up and ingests the next, sound stream.
+    assert (
+        put(client, flight.FlightDescriptor.for_path("names"), pa.table({"name": good})).rows == 2
+    )
+
+
+def test_filtered_preprocessed_plan(client) -> None:
+    table = make_table()
+    put(client, flight.FlightDescriptor.for_path("loans"), table)
+    tree = data_pb2.Filter(
+        compare=data_pb2.Comparison(
+            column="city", op=data_pb2.Comparison.EQ, value=data_pb2.Literal(text="lima")
+        )
+    )
+    preprocess = data_pb2.Preprocessing(
+        scaling=data_pb2.SCALING_STANDARD,
+        categorical=data_pb2.CATEGORICAL_ONE_HOT,
+        passthrough=["id"],
+    )
+    plan = client.get_flight_info(
+        command(
+            dataset="loans", columns=["id", "city", "income"], filter=tree, preprocess=preprocess
+        )
+    )
+    assert plan.schema.names == ["id", "city=lima", "city=oslo", "city=paris", "income"]
+    assert all(ticket_of(e).filter == tree for e in plan.endpoints)
+    out = pa.concat_tables(read_endpoints(client, plan)).sort_by("id")
+    lima = np.flatnonzero(table.column("city").to_numpy(zero_copy_only=False) == "lima")
+    np.testing.assert_array_equal(out.column("id").to_numpy(), lima)
+    assert set(out.column("city=lima").to_pylist()) == {1.0}
+    error, _ = error_of(
+        lambda: client.get_flight_info(
+            command(dataset="loans", filter=data_pb2.Filter(is_null="nope"))
+        )
+    )
+    assert isinstance(error, InvalidArgument) and "no column 'nope'" in error.message
+
+
+async def test_oversized_batches_are_refused(settings: Settings) -> None:
+    running = await start(settings.model_copy(update={"max_message_bytes": 1 << 20}))
+    try:
+        with flight.connect(flight_location(running.endpoints["flight"])) as client:
+            big = pa.table({"x": np.zeros(300_000)})  # one 2.4 MB batch
+            writer, results = client.do_put(flight.FlightDescriptor.for_path("big"), big.schema)
+            writer.write_batch(big.to_batches()[0])
+            writer.done_writing()
+            error, text = error_of(writer.close)
+            assert isinstance(error, ResourceExhausted), text
+            assert "batch 1 is 2400000 bytes" in error.message
+            assert list(client.list_flights()) == []
+            assert put(client, flight.FlightDescriptor.for_path("big"), big.slice(0, 1000)).rows
+    finally:
+        await running.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from cache_service.store import HEADER, MAX_KEY_BYTES, CacheReader, CacheStore
+from cache_service.store import HEADER, MAX_KEY_BYTES, CacheReader, CacheStore, PackedValues
 from onehop.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,6 +96,55 @@ def test_bad_keys_and_values_are_invalid_argument(store: CacheStore) -> None:
         store.put(b"pred/x", b"v", ttl_seconds=-1)
     store.put(b"k" * MAX_KEY_BYTES, b"longest key")
     assert store.get(b"k" * MAX_KEY_BYTES) == b"longest key"
+
+
+def test_pinned_read_is_the_stored_value_and_holds_its_snapshot(store: CacheStore) -> None:
+    store.put(b"shard/a", b"first")
+    pinned = store.get_pinned(b"shard/a")
+    assert pinned is not None and bytes(pinned.view) == b"first" and pinned.pinned
+    store.put(b"shard/a", b"second")  # a new version; the pinned snapshot keeps the old one
+    assert bytes(pinned.view) == b"first"
+    assert store.pinned_reads == 1
+    pinned.release()
+    pinned.release()  # idempotent
+    assert store.pinned_reads == 0
+    again = store.get_pinned(b"shard/a")
+    assert again is not None and bytes(again.view) == b"second"
+    del again  # dropping the last reference ends the read too
+    assert store.pinned_reads == 0
+    assert store.get_pinned(b"shard/none") is None
+    shard = store.stats().namespaces["shard"]
+    assert (shard.hits, shard.misses) == (2, 1)
+
+
+def test_close_waits_for_pinned_reads(path: Path) -> None:
+    store = CacheStore(path, 1 << 20)
+    store.put(b"shard/a", b"value")
+    pinned = store.get_pinned(b"shard/a")
+    assert pinned is not None
+    closing = threading.Thread(target=store.close)
+    closing.start()
+    closing.join(0.2)
+    assert closing.is_alive() and bytes(pinned.view) == b"value"  # still mapped
+    pinned.release()
+    closing.join(10)
+    assert not closing.is_alive()
+
+
+def test_corrupt_value_is_caught_by_a_pinned_read(path: Path) -> None:
+    with CacheStore(path, 1 << 20) as store:
+        store.put_many([(b"shard/bad", b"payload"), (b"shard/good", b"fine")])
+        assert store.get_pinned(b"shard/bad") is not None  # verified, then remembered
+    corrupt(path, b"shard/bad")
+
+    with CacheStore(path, 1 << 20) as store:  # a new process verifies again
+        assert store.get_pinned(b"shard/bad") is None
+        good = store.get_pinned(b"shard/good")
+        assert good is not None and bytes(good.view) == b"fine"
+        good.release()
+        shard = store.stats().namespaces["shard"]
+        assert (shard.corrupt, shard.misses, shard.hits) == (1, 1, 1)
+    assert raw_keys(path) == {b"shard/good"}
 
 
 def test_corrupt_value_is_a_counted_miss_and_removed(path: Path) -> None:
@@ -302,3 +351,17 @@ def test_acknowledged_puts_survive_kill_9(path: Path) -> None:
     with CacheStore(path, 1 << 20) as store:
         assert store.stats().namespaces["pred"].entries == 100
         assert store.get(b"pred/m/99") == b"v" * 99
+
+
+def test_packed_batch_read_matches_get_many(store: CacheStore) -> None:
+    store.put_many([(b"pred/m/a", b"alpha"), (b"pred/m/empty", b""), (b"pred/m/c", b"c" * 300)])
+    keys = [b"pred/m/c", b"pred/m/none", b"pred/m/empty", b"pred/m/a"]
+    packed = store.get_packed(keys)
+    assert packed.found == [True, False, True, True]
+    assert packed.sizes == [300, 0, 0, 5]
+    assert packed.data == b"c" * 300 + b"alpha"
+    assert packed.values() == store.get_many(keys) == [b"c" * 300, None, b"", b"alpha"]
+    assert store.stats().namespaces["pred"].hits == 6
+
+    with pytest.raises(InvalidArgument, match="packed values hold 4 bytes, their sizes say 3"):
+        PackedValues([True], [3], b"abcd").values()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -12,8 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from onehop.errors import InvalidArgument, NotFound
-from shard_service.catalog import Catalog, Prep
+from shard_service.catalog import Catalog
+from shard_service.columns import CATEGORICAL
 from shard_service.partition import key_hash
+from shard_service.prepare import Prep
 
 
 def make_table(rows: int = 1000, seed: int = 0) -> pa.Table:
@@ -44,10 +47,27 @@ def read_all_shards(catalog: Catalog, name: str, version: int = 0, prep: Prep | 
     return [catalog.read_prepared(name, info.version, k, prep) for k in range(len(info.shards))]
 
 
+def stored_schema(schema: pa.Schema) -> pa.Schema:
+    """The schema the catalog stores and serves: strings dictionary-encoded."""
+    return pa.schema(
+        [pa.field(f.name, CATEGORICAL) if f.type == pa.string() else f for f in schema]
+    )
+
+
+def decoded(table: pa.Table) -> pa.Table:
+    """Dictionary columns back to plain strings, for value comparisons."""
+    return table.cast(
+        pa.schema(
+            [pa.field(f.name, pa.string()) if f.type == CATEGORICAL else f for f in table.schema]
+        )
+    )
+
+
 def assert_same_rows(actual: pa.Table, expected: pa.Table) -> None:
-    """Equal schema and values, NaN equal to NaN (Table.equals treats NaN as unequal)."""
-    assert actual.schema == expected.schema
-    actual = actual.sort_by("id")
+    """Equal schema (as stored) and values, NaN equal to NaN (Table.equals treats NaN as
+    unequal)."""
+    assert actual.schema == stored_schema(expected.schema)
+    actual = decoded(actual).sort_by("id")
     for name in expected.schema.names:
         np.testing.assert_array_equal(
             actual.column(name).to_numpy(zero_copy_only=False),
@@ -78,9 +98,33 @@ def test_ingest_places_every_row_in_exactly_one_shard(catalog: Catalog, key: str
     version_dir = catalog.root / "loans" / "v1"
     assert sorted(os.listdir(version_dir)) == [
         "dataset.json",
-        *(f"shard-{k:05d}.parquet" for k in range(4)),
+        *(f"shard-{k:05d}.arrows" for k in range(4)),
     ]
-    assert pq.read_metadata(version_dir / "shard-00000.parquet").num_rows == info.shards[0].rows
+    stored = pa.ipc.open_stream(pa.memory_map(str(version_dir / "shard-00000.arrows")))
+    assert stored.read_all().num_rows == info.shards[0].rows
+
+
+def test_versions_stored_as_parquet_are_still_read(tmp_path: Path) -> None:
+    """Manifest format 1 (Parquet shards, before Arrow IPC) reads as before."""
+    table = make_table()
+    catalog = Catalog.open(tmp_path / "shard")
+    catalog.ingest("old", table.schema, table.to_batches(max_chunksize=100), shards=2)
+    version_dir = catalog.root / "old" / "v1"
+    expected = [catalog.read_prepared("old", 1, k, Prep()) for k in range(2)]
+    for k in range(2):
+        arrows = version_dir / f"shard-{k:05d}.arrows"
+        pq.write_table(
+            pa.ipc.open_stream(pa.memory_map(str(arrows))).read_all(),
+            arrows.with_suffix(".parquet"),
+        )
+        arrows.unlink()
+    manifest = json.loads((version_dir / "dataset.json").read_text())
+    (version_dir / "dataset.json").write_text(json.dumps({**manifest, "format": 1}))
+
+    reopened = Catalog.open(tmp_path / "shard")
+    assert reopened.describe("old").storage == "parquet"
+    for k in range(2):
+        assert_same_rows(reopened.read_prepared("old", 1, k, Prep()), expected[k])
 
 
 def test_key_sharding_keeps_each_key_in_one_shard(catalog: Catalog) -> None:
@@ -251,7 +295,7 @@ def test_bad_names_write_nothing(tmp_path: Path, name: str) -> None:
 def test_standardisation_matches_numpy(catalog: Catalog) -> None:
     table = make_table(rows=2000, seed=5)
     catalog.ingest("std", table.schema, table.to_batches(max_chunksize=128))
-    prep = Prep(standardize=True, passthrough=("label", "id"))
+    prep = Prep(scaling="standard", passthrough=("label", "id"))
     info = catalog.describe("std")
     shards = read_all_shards(catalog, "std", prep=prep)
     out = pa.concat_tables(shards).sort_by("id")
@@ -259,7 +303,7 @@ def test_standardisation_matches_numpy(catalog: Catalog) -> None:
     assert out.schema.field("income").type == pa.float32()
     assert out.schema.field("age").type == pa.float32()
     assert out.schema.field("label").type == pa.int8()  # passthrough
-    assert out.schema.field("city").type == pa.string()  # not numeric
+    assert out.schema.field("city").type == CATEGORICAL  # not numeric
     for name in ("income", "age", "ratio"):
         raw = table.column(name).to_numpy().astype(np.float64)
         present = raw[~np.isnan(raw)]
@@ -275,7 +319,7 @@ def test_standardisation_matches_numpy(catalog: Catalog) -> None:
 def test_projection_keeps_the_requested_order(catalog: Catalog) -> None:
     table = make_table(rows=100)
     catalog.ingest("proj", table.schema, table.to_batches())
-    prep = Prep(columns=("label", "income"), standardize=True, passthrough=("label",))
+    prep = Prep(columns=("label", "income"), scaling="standard", passthrough=("label",))
     shard = catalog.read_prepared("proj", 1, 0, prep)
     assert shard.schema.names == ["label", "income"]
     assert shard.schema.types == [pa.int8(), pa.float32()]
@@ -289,7 +333,7 @@ def test_unknown_column_and_missing_things(catalog: Catalog) -> None:
     with pytest.raises(InvalidArgument, match="no column 'salary'"):
         catalog.read_prepared("proj", 1, 0, Prep(columns=("income", "salary")))
     with pytest.raises(InvalidArgument, match="no column 'target'"):
-        catalog.read_prepared("proj", 1, 0, Prep(standardize=True, passthrough=("target",)))
+        catalog.read_prepared("proj", 1, 0, Prep(scaling="standard", passthrough=("target",)))
     with pytest.raises(NotFound, match="no dataset 'other'"):
         catalog.read_prepared("other", 0, 0, Prep())
     with pytest.raises(NotFound, match="has no version 7; versions: 1"):
@@ -302,7 +346,7 @@ def test_unfinished_ingests_are_cleaned_on_open(tmp_path: Path) -> None:
     catalog = Catalog.open(tmp_path / "shard")
     stale = catalog.root / "loans" / ".tmp-deadbeef"
     stale.mkdir(parents=True)
-    (stale / "shard-00000.parquet").write_bytes(b"partial")
+    (stale / "shard-00000.arrows").write_bytes(b"partial")
     reopened = Catalog.open(tmp_path / "shard")
     assert not stale.exists()
     assert reopened.list() == []

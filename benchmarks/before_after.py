@@ -2,7 +2,8 @@
 dataset twice, serve a repeating request mix — on a mesh with the cache off and on, and the
 serving side at rising concurrency with dynamic batching off and on.
 
-Each side is a real mesh (`onehop.launcher.Mesh`, one process per service). CPU-seconds come
+Each side is a real mesh (`onehop.launcher.Mesh`, one process per service); batching off is
+the cache-off mesh again with its trainer restarted unbatched. CPU-seconds come
 from process accounting (/proc through psutil) of the gateway, trainer, cache and shard
 processes, bytes moved from the loopback interface's counters (in a network namespace of the
 benchmark's own where `onehop bench` can make one), each read before and after a phase. It
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 import psutil
 
@@ -74,7 +76,7 @@ class Sizes:
 
 def sizes(quick: bool) -> Sizes:
     if quick:
-        return Sizes(20_000, 1, 256, 40, 200, 8, (1, 8, 32), 96)
+        return Sizes(8_000, 1, 256, 24, 120, 8, (1, 8, 32), 96)
     return Sizes(120_000, 3, 256, 200, 1000, 8, (1, 4, 16, 64), 640)
 
 
@@ -225,6 +227,22 @@ def infer_all(
     return asyncio.run(_infer_all(address, settings, requests, concurrency))
 
 
+def answered_again(
+    address: str, settings: Settings, requests: list[np.ndarray], timeout: float = 30.0
+) -> None:
+    """The requests, repeated while the gateway cannot reach a restarted trainer yet: its
+    channel reconnects once its backoff after the refused connections has passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            infer_all(address, settings, requests)
+            return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
+
+
 def request_mix(rows: np.ndarray, s: Sizes) -> list[np.ndarray]:
     """`requests` draws from `pool` distinct batches, Zipf-skewed as real traffic repeats."""
     pool = np.split(rows[: s.pool * s.rows_per_request], s.pool)
@@ -282,6 +300,7 @@ class Side:
     mix_usage: Usage
     predictions: int
     sweep: Sweep
+    unbatched: Sweep | None  # the same sweep with batching off (cache-off side only)
 
 
 def mesh_settings(data_dir: Path) -> Settings:
@@ -296,9 +315,9 @@ def mesh_settings(data_dir: Path) -> Settings:
 
 
 @contextmanager
-def running(settings: Settings, cached: bool, env: dict[str, str] | None = None) -> Iterator[Mesh]:
+def running(settings: Settings, cached: bool) -> Iterator[Mesh]:
     services = SERVICES if cached else tuple(s for s in SERVICES if s.name != "cache")
-    mesh = Mesh(settings, say=lambda line: None, services=services, env=env)
+    mesh = Mesh(settings, say=lambda line: None, services=services)
     mesh.start()
     try:
         yield mesh
@@ -309,7 +328,9 @@ def running(settings: Settings, cached: bool, env: dict[str, str] | None = None)
 def measure_side(
     ctx: BenchContext, s: Sizes, csv_path: Path, held_out: np.ndarray, label: str
 ) -> Side:
-    """One mesh (cached or not) through the whole job; what each phase took and cost."""
+    """One mesh (cached or not) through the whole job; what each phase took and cost.
+    Without the cache, the sweep is measured again with the trainer restarted unbatched
+    (the model stays registered; the gateway and shard keep running)."""
     cached = label == CACHE_ON
     settings = mesh_settings(ctx.workdir / label.replace(" ", "-"))
     with running(settings, cached) as mesh:
@@ -337,25 +358,28 @@ def measure_side(
         infer_all(address, settings, singles[:1])  # load and warm the model
         kind = "one repeated row" if cached else BATCHING_ON
         swept = sweep(ctx, address, settings, meter, singles, s, f"{label}, {kind}")
+        unbatched = None
+        if not cached:
+            mesh.restart("trainer", NO_BATCHING_ENV)
+            answered_again(address, settings, singles[:1])
+            # A new trainer process: a new meter to read its CPU time.
+            label_off = f"{label}, {BATCHING_OFF}"
+            unbatched = sweep(ctx, address, settings, Meter(mesh), singles, s, label_off)
     return Side(
-        cold, warm, first_read, second_read, calls, mix_usage, len(mix) * s.rows_per_request, swept
+        cold,
+        warm,
+        first_read,
+        second_read,
+        calls,
+        mix_usage,
+        len(mix) * s.rows_per_request,
+        swept,
+        unbatched,
     )
 
 
 def single_rows(held_out: np.ndarray, s: Sizes) -> list[np.ndarray]:
     return [held_out[i : i + 1] for i in range(s.requests_per_level)]
-
-
-def measure_unbatched(ctx: BenchContext, s: Sizes, held_out: np.ndarray) -> Sweep:
-    """The cache-off mesh again, on its data (the model is registered), batching off."""
-    settings = mesh_settings(ctx.workdir / CACHE_OFF.replace(" ", "-"))
-    with running(settings, cached=False, env=NO_BATCHING_ENV) as mesh:
-        address = mesh.children["gateway"].endpoints["grpc"]
-        singles = single_rows(held_out, s)
-        infer_all(address, settings, singles[:1])
-        return sweep(
-            ctx, address, settings, Meter(mesh), singles, s, f"{CACHE_OFF}, {BATCHING_OFF}"
-        )
 
 
 # --- figures -------------------------------------------------------------------------------------
@@ -370,7 +394,7 @@ def _hit_share(calls: Calls) -> float:
     return 100.0 * sum(o == "hit" for o in calls.outcomes) / len(calls.outcomes)
 
 
-def figures(s: Sizes, off: Side, on: Side, unbatched: Sweep, private: bool) -> list[Figure]:
+def figures(s: Sizes, off: Side, on: Side, private: bool) -> list[Figure]:
     job = {"rows": s.rows, "epochs": s.epochs, "batch_size": s.batch_size, "model": "seed MLP"}
     mix = {
         "requests": s.requests,
@@ -387,6 +411,8 @@ def figures(s: Sizes, off: Side, on: Side, unbatched: Sweep, private: bool) -> l
         return amount * 1000 / predictions
 
     top = max(s.concurrency)
+    assert off.unbatched is not None
+    unbatched = off.unbatched
     loopback = "private (own network namespace)" if private else "shared with this machine"
     result = [
         versus(
@@ -548,8 +574,7 @@ def run(ctx: BenchContext) -> list[Figure]:
 
     off = measure_side(ctx, s, csv_path, held_out, CACHE_OFF)
     on = measure_side(ctx, s, csv_path, held_out, CACHE_ON)
-    unbatched = measure_unbatched(ctx, s, held_out)
-    return figures(s, off, on, unbatched, ctx.private_network)
+    return figures(s, off, on, ctx.private_network)
 
 
 if __name__ == "__main__":

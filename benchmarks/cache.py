@@ -82,7 +82,7 @@ asyncio.run(main(int(sys.argv[1])))
 
 def run(ctx: BenchContext) -> list[Figure]:
     """Cache: BatchGet and GET vs Redis, zero-hop hits, Get vs bare gRPC, Puts, hit ratio."""
-    seconds = 0.6 if ctx.quick else 4.0  # per side and figure
+    seconds = 0.25 if ctx.quick else 4.0  # per side and figure (a multiple of it for some)
     settings = Settings(data_dir=ctx.workdir / "mesh", log_level="WARNING")
     cache_spec = next(spec for spec in SERVICES if spec.name == "cache")
     mesh = Mesh(

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,9 @@ from fastapi import FastAPI, Request, Response
 import grpc
 from protos.inference import grpc_service_pb2 as pb, grpc_service_pb2_grpc
 
-json_body, binary_body, binary_length, grpc_body = (open(p, "rb").read() for p in sys.argv[1:5])
+# Started ahead of time: the paths of the bodies to answer with come as stdin's first line.
+paths = sys.stdin.readline().split()
+json_body, binary_body, binary_length, grpc_body = (open(p, "rb").read() for p in paths)
 app = FastAPI()
 
 @app.post("/v2/models/{name}/infer")
@@ -133,7 +136,7 @@ class Sizes:
     @classmethod
     def of(cls, quick: bool) -> Sizes:
         if quick:
-            return cls(200, 100, 0.6, 2.0, 400, 1000)
+            return cls(60, 30, 0.4, 0.6, 400, 1000)
         return cls(2000, 1000, 5.0, 10.0, 20_000, 4000)
 
 
@@ -186,11 +189,14 @@ def _train(settings: Settings, rows: int) -> None:
             raise RuntimeError(f"training the benchmark model failed: {final}")
 
 
+# A short drain: nothing is in flight when a benchmark stops its services.
+QUIET = {"ONEHOP_GRACE_SECONDS": "0.5", "ONEHOP_LOG_LEVEL": "WARNING"}
+ONLY_GATEWAY = tuple(spec for spec in SERVICES if spec.name == "gateway")
+
+
 @contextmanager
-def _mesh(settings: Settings, services: tuple = SERVICES, **env: str) -> Iterator[Mesh]:
-    # A short drain: nothing is in flight when a benchmark stops its services.
-    env = {"ONEHOP_GRACE_SECONDS": "0.5", "ONEHOP_LOG_LEVEL": "WARNING", **env}
-    mesh = Mesh(settings, say=lambda line: None, services=services, env=env)
+def _mesh(settings: Settings) -> Iterator[Mesh]:
+    mesh = Mesh(settings, say=lambda line: None, env=QUIET)
     mesh.start()
     try:
         yield mesh
@@ -199,28 +205,61 @@ def _mesh(settings: Settings, services: tuple = SERVICES, **env: str) -> Iterato
 
 
 @contextmanager
-def _bare_servers(workdir: Path, bodies: list[bytes]) -> Iterator[tuple[str, str]]:
-    """(HTTP address, gRPC address) of the bare servers answering `bodies`."""
-    paths = []
-    for index, body in enumerate(bodies):
-        path = workdir / f"bare-{index}.bin"
-        path.write_bytes(body)
-        paths.append(str(path))
+def _gateways(configs: list[tuple[Settings, dict[str, str]]]) -> Iterator[Callable[[], list[Mesh]]]:
+    """Gateway-only meshes, one per (settings, environment), started in threads while the
+    caller goes on (each start mostly waits on its child's imports and health); the yielded
+    function waits until they all serve and returns them. All are stopped at the end."""
+    meshes = [
+        Mesh(settings, say=lambda line: None, services=ONLY_GATEWAY, env={**QUIET, **env})
+        for settings, env in configs
+    ]
+    with ThreadPoolExecutor(len(meshes)) as pool:
+        starts = [pool.submit(mesh.start) for mesh in meshes]
+
+        def ready() -> list[Mesh]:
+            for start in starts:
+                start.result()
+            return meshes
+
+        try:
+            yield ready
+        finally:
+            for start in starts:
+                start.exception()  # a mesh is stopped once its start has returned
+            list(pool.map(Mesh.stop, meshes))
+
+
+@contextmanager
+def _bare_servers(workdir: Path) -> Iterator[Callable[[list[bytes]], tuple[str, str]]]:
+    """The bare servers' process, started at once so that its imports overlap the setup.
+    The yielded function hands it the bodies to answer with and returns (HTTP address,
+    gRPC address) once both listen."""
     process = subprocess.Popen(
-        [sys.executable, "-c", BARE_SERVERS, *paths],
+        [sys.executable, "-c", BARE_SERVERS],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         cwd=Path(__file__).resolve().parents[1],
     )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline().decode().split()
+    assert process.stdin is not None and process.stdout is not None
+    stdin, stdout = process.stdin, process.stdout
+
+    def serve(bodies: list[bytes]) -> tuple[str, str]:
+        paths = []
+        for index, body in enumerate(bodies):
+            path = workdir / f"bare-{index}.bin"
+            path.write_bytes(body)
+            paths.append(str(path))
+        stdin.write((" ".join(paths) + "\n").encode())
+        stdin.flush()
+        line = stdout.readline().decode().split()
         if len(line) != 2:
             raise RuntimeError("the bare servers did not start")
-        yield f"127.0.0.1:{line[0]}", f"127.0.0.1:{line[1]}"
+        return f"127.0.0.1:{line[0]}", f"127.0.0.1:{line[1]}"
+
+    try:
+        yield serve
     finally:
-        assert process.stdin is not None
-        process.stdin.close()
+        stdin.close()
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
@@ -386,62 +425,77 @@ def run(ctx: BenchContext) -> list[Figure]:
         cache_size_bytes=256 << 20,
         log_level="WARNING",
     )
-    figures: list[Figure] = []
     with _mesh(settings) as mesh:
-        gateway = mesh.children["gateway"].endpoints
         trainer = mesh.children["trainer"].endpoints["grpc"]
-        _train(settings, s.train_rows)
-
-        hot = rng.normal(size=(BATCH, N_FEATURES)).astype(np.float32)
-        http_client = HttpClient(gateway["http"])
-        channel = sync_channel(gateway["grpc"], settings)
-        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        json_request = json_body(hot)
-        binary_request, binary_headers = binary_body(hot)
-        hit_request = grpc_request(hot)
-        path = f"/v2/models/{MODEL}/infer"
-        _wait_for_hit(http_client, path, json_request)
-        json_answer, _ = http_client.post(path, json_request, {})
-        binary_answer, headers = http_client.post(path, binary_request, binary_headers)
-        grpc_answer = stub.ModelInfer(hit_request, timeout=30)
-        bodies = [
-            json_answer,
-            binary_answer,
-            headers["inference-header-content-length"].encode(),
-            grpc_answer.SerializeToString(),
-        ]
-
-        with _bare_servers(ctx.workdir, bodies) as (bare_http, bare_grpc):
-            figures += _hit_latency(
-                ctx, s, http_client, stub, bare_http, bare_grpc, settings, path, hot
-            )
-            figures += _throughput_hits(ctx, s, gateway["grpc"], bare_grpc, settings, hit_request)
-        http_client.close()
-
-        figures += _miss_latency(ctx, s, stub, trainer, settings, rng)
-        figures += _throughput_misses(ctx, s, gateway["grpc"], trainer, settings, rng)
-        channel.close()
-
-        uncached = settings.model_copy(update={"data_dir": ctx.workdir / "uncached"})
-        only_gateway = tuple(spec for spec in SERVICES if spec.name == "gateway")
+        # Two gateways of their own on the same trainer and shard, started meanwhile: one
+        # without the cache (the Zipf baseline) and one admitting few requests at once (the
+        # overload, so that 4x its admitted concurrency is load this client can offer).
         env = {
             "ONEHOP_TRAINER_ADDRESS": trainer,
             "ONEHOP_SHARD_ADDRESS": mesh.children["shard"].endpoints["flight"],
             "ONEHOP_SHARD_HEALTH_ADDRESS": mesh.children["shard"].endpoints["grpc"],
         }
-        with _mesh(uncached, only_gateway, **env) as plain:
-            figures += _zipf(
-                ctx, s, gateway["grpc"], plain.children["gateway"].endpoints["grpc"], settings
-            )
-        # Overload on a gateway of its own, admitting few at once, so that 4x its admitted
-        # concurrency is load this client can really offer.
         limits = {
             "ONEHOP_MAX_CONCURRENT_REQUESTS": str(ADMITTED),
             "ONEHOP_MAX_QUEUED_REQUESTS": str(ADMITTED // 4),
         }
-        limited = settings.model_copy(update={"data_dir": ctx.workdir / "limited"})
-        with _mesh(limited, only_gateway, **env, **limits) as small:
-            figures += _overload(ctx, s, small.children["gateway"].endpoints["grpc"], settings, rng)
+        side_gateways = _gateways(
+            [
+                (settings.model_copy(update={"data_dir": ctx.workdir / "uncached"}), env),
+                (settings.model_copy(update={"data_dir": ctx.workdir / "limited"}), env | limits),
+            ]
+        )
+        with side_gateways as side_gateways_ready, _bare_servers(ctx.workdir) as bare_servers:
+            return _measure(ctx, s, rng, settings, mesh, side_gateways_ready, bare_servers)
+
+
+def _measure(
+    ctx: BenchContext,
+    s: Sizes,
+    rng: np.random.Generator,
+    settings: Settings,
+    mesh: Mesh,
+    side_gateways_ready: Callable[[], list[Mesh]],
+    bare_servers: Callable[[list[bytes]], tuple[str, str]],
+) -> list[Figure]:
+    """Every figure: on the running mesh (against the bare servers answering its own hit
+    answers, and the trainer directly), then on the side gateways."""
+    gateway = mesh.children["gateway"].endpoints
+    trainer = mesh.children["trainer"].endpoints["grpc"]
+    figures: list[Figure] = []
+    _train(settings, s.train_rows)
+
+    hot = rng.normal(size=(BATCH, N_FEATURES)).astype(np.float32)
+    http_client = HttpClient(gateway["http"])
+    channel = sync_channel(gateway["grpc"], settings)
+    stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    json_request = json_body(hot)
+    binary_request, binary_headers = binary_body(hot)
+    hit_request = grpc_request(hot)
+    path = f"/v2/models/{MODEL}/infer"
+    _wait_for_hit(http_client, path, json_request)
+    json_answer, _ = http_client.post(path, json_request, {})
+    binary_answer, headers = http_client.post(path, binary_request, binary_headers)
+    grpc_answer = stub.ModelInfer(hit_request, timeout=30)
+    bodies = [
+        json_answer,
+        binary_answer,
+        headers["inference-header-content-length"].encode(),
+        grpc_answer.SerializeToString(),
+    ]
+
+    bare_http, bare_grpc = bare_servers(bodies)
+    figures += _hit_latency(ctx, s, http_client, stub, bare_http, bare_grpc, settings, path, hot)
+    figures += _throughput_hits(ctx, s, gateway["grpc"], bare_grpc, settings, hit_request)
+    http_client.close()
+
+    figures += _miss_latency(ctx, s, stub, trainer, settings, rng)
+    figures += _throughput_misses(ctx, s, gateway["grpc"], trainer, settings, rng)
+    channel.close()
+
+    plain, small = side_gateways_ready()
+    figures += _zipf(ctx, s, gateway["grpc"], plain.children["gateway"].endpoints["grpc"], settings)
+    figures += _overload(ctx, s, small.children["gateway"].endpoints["grpc"], settings, rng)
     return figures
 
 

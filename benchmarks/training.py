@@ -317,7 +317,7 @@ def run(ctx: BenchContext) -> list[Figure]:
     # The trainer's thread policy, for its loop and the in-memory baseline alike.
     configure_threads()
     if ctx.quick:
-        figures = throughput(ctx, rows=200_000, epochs=1)
+        figures = throughput(ctx, rows=100_000, epochs=1)
         figures.append(quality(ctx, rows=20_000, epochs=5))
         figures.append(resume(ctx, rows=40_000))
         return figures

@@ -223,20 +223,36 @@ class Mesh:
                     self._start_service(spec)
             time.sleep(poll)
 
+    def restart(self, name: str, env: dict[str, str] | None = None) -> None:
+        """Stop one service and start it again on its ports, with `env` added to its
+        environment for this start (e.g. a benchmark's knob); the others keep running."""
+        child = self.children[name]
+        self._stop_child(child)
+        saved = self.extra_env
+        self.extra_env = {**saved, **(env or {})}
+        try:
+            self._start_service(child.spec)
+        finally:
+            self.extra_env = saved
+
     def stop(self) -> None:
         """SIGTERM in reverse dependency order; SIGKILL whatever outlives its grace."""
-        grace = self.settings.grace_seconds + 5.0
         for spec in reversed(SERVICES):
             child = self.children.get(spec.name)
-            if child is None or child.process.poll() is not None:
-                continue
-            child.process.send_signal(signal.SIGTERM)
-            try:
-                child.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait()
-            run_file(self.data_dir, spec.name).unlink(missing_ok=True)
+            if child is not None:
+                self._stop_child(child)
+
+    def _stop_child(self, child: _Child) -> None:
+        """SIGTERM, then SIGKILL past its grace; its run file goes with it."""
+        if child.process.poll() is not None:
+            return
+        child.process.send_signal(signal.SIGTERM)
+        try:
+            child.process.wait(self.settings.grace_seconds + 5.0)
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
+        run_file(self.data_dir, child.spec.name).unlink(missing_ok=True)
 
 
 def _tail(path: Path, lines: int = 20) -> str:

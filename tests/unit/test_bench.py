@@ -1,15 +1,19 @@
 """The bench runner: each module in a child process, a failing, hanging or missing module as
-one failed row while the others still report, and the report's JSON, table and markdown."""
+one failed row while the others still report, and the report's JSON, table and markdown;
+and the launcher's one-service restart that the before/after module measures with."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import psutil
 import pytest
 
 from onehop import bench
 from onehop.benchmark import Figure, format_table
+from onehop.launcher import SERVICES, Mesh, health_status
+from onehop.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -114,3 +118,32 @@ def test_table_and_markdown_show_every_figure_and_the_machine():
     assert "torch 2.x" in page
     assert "| hit p50 | 0.8 ms | 0.5 ms (bare) | 1.60× | ratio <= 1.5 | FAIL |" in page
     assert "![latency](plots/latency.png)" in page
+
+
+@pytest.mark.timeout(60)
+def test_a_restarted_service_keeps_its_ports_and_gets_extra_env_for_that_start_only(
+    tmp_path: Path,
+):
+    """What before/after relies on to measure batching off: one service restarted with a
+    knob, on its old ports, while the rest of the mesh keeps running."""
+    cache = next(spec for spec in SERVICES if spec.name == "cache")
+    quiet = {"ONEHOP_LOG_LEVEL": "WARNING"}
+    mesh = Mesh(
+        Settings(data_dir=tmp_path / "mesh"), say=lambda line: None, services=(cache,), env=quiet
+    )
+    endpoints = mesh.start()["cache"]
+    old = mesh.children["cache"].process
+    try:
+        mesh.restart("cache", {"ONEHOP_CACHE_SIZE_BYTES": str(64 << 20)})
+        child = mesh.children["cache"]
+        assert old.poll() is not None
+        assert child.process.pid != old.pid
+        assert child.endpoints == endpoints
+        assert health_status(child.endpoints["grpc"]) == "SERVING"
+        assert psutil.Process(child.process.pid).environ()["ONEHOP_CACHE_SIZE_BYTES"] == str(
+            64 << 20
+        )
+        assert mesh.extra_env == quiet
+    finally:
+        mesh.stop()
+    assert mesh.children["cache"].process.poll() is not None

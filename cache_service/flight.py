@@ -10,7 +10,9 @@ Flight holds any batch of the stream — to its end, or until the client goes aw
 `DoAction("BatchGet")` is the cache's `BatchGet` on Flight's C++ gRPC server: the same
 request and (packed) answer messages as `onehop.v1.Cache/BatchGet`, at a fraction of the
 per-call CPU of the Python gRPC server, for clients on the hit path
-(`cache_service.client.flight_batch_get`)."""
+(`cache_service.client.flight_batch_get`). `DoAction("Contains")` is `onehop.v1.Cache/
+Contains` the same way, for the Flight planner (`onehop.dataplane.DataClient`), which then
+asks a node what it holds over the connection it reads from."""
 
 from __future__ import annotations
 
@@ -19,11 +21,16 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
-from google.protobuf.message import DecodeError
 
 from cache_service.store import CacheStore
-from onehop.dataplane import PUT_BATCH_BYTES, arrange, shard_ticket
-from onehop.errors import InvalidArgument, NotFound, flight_errors
+from onehop.dataplane import (
+    CONTAINS_ACTION,
+    PUT_BATCH_BYTES,
+    arrange,
+    parse_message,
+    shard_ticket,
+)
+from onehop.errors import InvalidArgument, NotFound, Unimplemented, flight_errors
 from onehop.keys import shard_key
 from protos.onehop.v1 import cache_pb2, data_pb2
 
@@ -74,27 +81,47 @@ class CacheFlightServer(flight.FlightServerBase):
                 ) from None
             self._store.put(shard_key(ticket), memoryview(sink.getvalue()))
 
+    def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> list[Any]:
+        """The cache lists nothing: what it holds is addressed by tickets from a plan."""
+        return []
+
+    def get_flight_info(
+        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
+    ) -> flight.FlightInfo:
+        with flight_errors():
+            raise Unimplemented(
+                "the cache does not plan reads: ask the gateway (GetFlightInfo), then redeem "
+                "its tickets here"
+            )
+
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
         return [
             (
                 BATCH_GET_ACTION,
                 "body: onehop.v1.BatchGetRequest; results: a onehop.v1.BatchGetResponse with "
                 "found and sizes, then the values found, back to back",
-            )
+            ),
+            (
+                CONTAINS_ACTION,
+                "body: onehop.v1.ContainsRequest; result: a onehop.v1.ContainsResponse",
+            ),
         ]
 
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> list[Any]:
         with flight_errors():
+            if action.type == CONTAINS_ACTION:
+                body = action.body.to_pybytes()
+                keys = parse_message(cache_pb2.ContainsRequest, body, "the Contains body").keys
+                found = cache_pb2.ContainsResponse(found=self._store.contains_many(keys))
+                return [found.SerializeToString()]
             if action.type != BATCH_GET_ACTION:
                 raise InvalidArgument(
-                    f"unknown cache action {action.type!r}: the cache serves {BATCH_GET_ACTION!r}"
+                    f"unknown cache action {action.type!r}: the cache serves "
+                    f"{BATCH_GET_ACTION!r} and {CONTAINS_ACTION!r}"
                 )
-            try:
-                request = cache_pb2.BatchGetRequest.FromString(action.body.to_pybytes())
-            except DecodeError:
-                raise InvalidArgument(
-                    "the BatchGet action's body must be an onehop.v1.BatchGetRequest"
-                ) from None
+            request = parse_message(
+                cache_pb2.BatchGetRequest, action.body.to_pybytes(), "the BatchGet body"
+            )
             packed = self._store.get_packed(request.keys)
             header = cache_pb2.BatchGetResponse(found=packed.found, sizes=packed.sizes)
             # Built here, not in a generator: errors must leave through flight_errors. The

@@ -45,10 +45,20 @@ class CacheServer:
 
     async def open(self) -> dict[str, str]:
         settings = self.settings
+        loop = asyncio.get_running_loop()
+
+        def writer_died() -> None:  # on the dead writer's thread: writes now fail fast
+            asyncio.run_coroutine_threadsafe(self.grpc.set_serving(False), loop)
+
         # Opened here, in the serving process (after any fork), off the event loop: the
         # index scan of a large warm cache takes a while.
         store = self.store = await asyncio.to_thread(
-            CacheStore, settings.service_dir("cache"), settings.cache_size_bytes, MAX_READERS
+            lambda: CacheStore(
+                settings.service_dir("cache"),
+                settings.cache_size_bytes,
+                MAX_READERS,
+                on_writer_death=writer_died,
+            )
         )
         location = flight_location(f"{settings.host}:{settings.cache_flight_port}", settings)
         self.flight = await asyncio.to_thread(

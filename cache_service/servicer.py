@@ -30,6 +30,7 @@ INLINE_READ_KEYS = 256
 INLINE_WRITE_BYTES = 256 << 10
 # StreamGet sends values in pieces of this size.
 STREAM_CHUNK_BYTES = 1 << 20
+UINT64_MAX = (1 << 64) - 1
 
 
 class CacheServicer(cache_pb2_grpc.CacheServicer):
@@ -171,22 +172,28 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
 
 
 def stats_to_proto(stats: StoreStats) -> cache_pb2.GetStatsResponse:
+    """The stats as sent. Counters saturate at the uint64 maximum: the store's are Python
+    ints, and one past the field's range would fail every GetStats from then on."""
     response = cache_pb2.GetStatsResponse(
         capacity_bytes=stats.capacity_bytes,
         used_bytes=stats.used_bytes,
-        commits=stats.commits,
-        hints_dropped=stats.hints_dropped,
+        commits=_saturated(stats.commits),
+        hints_dropped=_saturated(stats.hints_dropped),
     )
     for name, ns in stats.namespaces.items():
         response.namespaces[name].CopyFrom(
             cache_pb2.NamespaceStats(
-                hits=ns.hits,
-                misses=ns.misses,
+                hits=_saturated(ns.hits),
+                misses=_saturated(ns.misses),
                 entries=ns.entries,
                 bytes=ns.bytes,
-                evictions=ns.evictions,
-                corrupt=ns.corrupt,
-                expired=ns.expired,
+                evictions=_saturated(ns.evictions),
+                corrupt=_saturated(ns.corrupt),
+                expired=_saturated(ns.expired),
             )
         )
     return response
+
+
+def _saturated(count: int) -> int:
+    return min(count, UINT64_MAX)

@@ -56,6 +56,9 @@ BOOKKEEP_AT = 32
 MAX_PENDING_READS = 1024
 # Hit keys a zero-hop reader keeps for the store between two hint batches; beyond, dropped.
 MAX_HINTS = 8192
+# The most reads one hint may report (misses of a namespace, dropped hits): far more than a
+# reader serves between two hint batches, far less than would overflow a uint64 counter.
+MAX_HINT_COUNT = 1 << 40
 # How long close() waits for pinned reads (streams still sending from the map) to end.
 PIN_DRAIN_SECONDS = 10.0
 DEFAULT_NAMESPACE = "default"
@@ -396,6 +399,18 @@ class _Op:
 
 
 _STOP = object()
+_WRITER_DEAD = "the cache writer has stopped: the cache takes no writes until it restarts"
+
+
+def _settle(op: _Op, result: int = 0, error: BaseException | None = None) -> None:
+    """Resolve an op's future unless it is already done: only the writer resolves one, so
+    checking first is enough (the future is RUNNING, its caller can no longer cancel it)."""
+    if op.future.done():
+        return
+    if error is None:
+        op.future.set_result(result)
+    else:
+        op.future.set_exception(error)
 
 
 class CacheStore:
@@ -415,6 +430,7 @@ class CacheStore:
         *,
         map_size: int | None = None,
         clock: Clock = time.time,
+        on_writer_death: Callable[[], None] | None = None,
     ):
         if capacity_bytes <= 0:
             raise InvalidArgument(f"cache capacity must be positive, got {capacity_bytes}")
@@ -465,6 +481,8 @@ class CacheStore:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # C: cheap per put
         self._state_lock = threading.Lock()
         self._closed = False
+        self._writer_dead = False
+        self._on_writer_death = on_writer_death
         self._writer = threading.Thread(target=self._run_writer, name="cache-writer", daemon=True)
         self._writer.start()
         if self.used_bytes > capacity_bytes:  # reopened with a smaller budget: an empty
@@ -595,16 +613,19 @@ class CacheStore:
     ) -> int:
         """Fold in what a zero-hop reader served from the memory map (its `ReadHints`):
         hits count and renew the keys for eviction like local reads, misses count. Hints
-        are advisory: unknown or malformed keys are skipped. Returns the keys applied."""
+        are advisory: unknown or malformed keys are skipped, and so is a count over
+        MAX_HINT_COUNT (no reader's: summed into the stats it would overflow them). Returns
+        the keys applied."""
         applied = 0
         with self._lock:
-            self._hints_dropped += max(0, dropped)
+            if 0 < dropped <= MAX_HINT_COUNT:
+                self._hints_dropped += dropped
             for key in hits:
                 if isinstance(key, bytes) and self._policy.touch(key):
                     self._counters_of(key).hits += 1
                     applied += 1
             for namespace, count in misses.items():
-                if 0 < len(namespace) <= MAX_NAMESPACE_CHARS and count > 0:
+                if 0 < len(namespace) <= MAX_NAMESPACE_CHARS and 0 < count <= MAX_HINT_COUNT:
                     self._ns(namespace).misses += count
         return applied
 
@@ -805,7 +826,7 @@ class CacheStore:
     def _submit(self, op: _Op, wait: bool = True) -> int:
         if not wait:
             with self._state_lock:
-                if not self._closed:
+                if not (self._closed or self._writer_dead):
                     self._queue.put(op)
             return 0
         self._enqueue(op)
@@ -815,9 +836,33 @@ class CacheStore:
         with self._state_lock:
             if self._closed:
                 raise Unavailable("the cache store is closed")
+            if self._writer_dead:
+                raise Unavailable(_WRITER_DEAD)
             self._queue.put(op)
 
     def _run_writer(self) -> None:
+        """The writer thread. A failed commit fails its batch, and an unexpected error in
+        one batch fails that batch alone: the thread goes on. Should it end all the same
+        (a bug), nothing may wait on it: queued and later writes fail with UNAVAILABLE,
+        and `on_writer_death` is told (the server turns its health NOT_SERVING)."""
+        try:
+            self._write_until_stopped()
+        except BaseException:
+            log.critical("the cache writer died: the cache takes no more writes", exc_info=True)
+            with self._state_lock:
+                self._writer_dead = True
+            error = Unavailable(_WRITER_DEAD)
+            while True:
+                try:
+                    op = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if op is not _STOP and op.future.set_running_or_notify_cancel():
+                    op.future.set_exception(error)
+            if self._on_writer_death is not None:
+                self._on_writer_death()
+
+    def _write_until_stopped(self) -> None:
         stopping = False
         next_maintenance = time.monotonic() + MAINTENANCE_SECONDS
         while not stopping:
@@ -842,13 +887,30 @@ class CacheStore:
                     break
                 batch.append(op)
                 nbytes += op.nbytes
-            writes = [op for op in batch if op.kind != _BOOKKEEP]
-            if len(writes) < len(batch):
-                self._bookkeeping_queued = False
-                with self._lock:
-                    self._apply_reads()
-            if writes:
-                self._commit_batch(writes)
+            # A write whose caller gave up (cancelled its future: a Put past its deadline)
+            # is dropped; the others turn RUNNING, so no caller can cancel them any more
+            # and resolving their futures below cannot fail.
+            batch = [op for op in batch if op.future.set_running_or_notify_cancel()]
+            try:
+                self._apply_batch(batch)
+            except Exception as exc:  # a bug, not a failed commit: fail this batch, go on
+                error = Internal.wrap(exc)
+                for op in batch:
+                    _settle(op, error=error)
+            except BaseException:
+                for op in batch:
+                    _settle(op, error=Unavailable(_WRITER_DEAD))
+                raise
+
+    def _apply_batch(self, batch: list[_Op]) -> None:
+        """Apply the queued read bookkeeping if the batch asks for it; commit its writes."""
+        writes = [op for op in batch if op.kind != _BOOKKEEP]
+        if len(writes) < len(batch):
+            self._bookkeeping_queued = False
+            with self._lock:
+                self._apply_reads()
+        if writes:
+            self._commit_batch(writes)
 
     def _commit_batch(self, batch: list[_Op]) -> None:
         try:
@@ -887,12 +949,12 @@ class CacheStore:
             self._finish(batch, error=Internal.wrap(exc))
             return
         for op, result in zip(batch, results, strict=True):
-            op.future.set_result(result)
+            _settle(op, result)
 
     @staticmethod
     def _finish(batch: list[_Op], error: BaseException) -> None:
         for op in batch:
-            op.future.set_exception(error)
+            _settle(op, error=error)
 
     def _write(self, batch: list[_Op]) -> list[int]:
         """Commit the batch, making room in the map by evicting when LMDB says it is full."""

@@ -19,6 +19,7 @@ import pyarrow.flight as flight
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from onehop.channels import aio_channel, flight_location, split_addresses
+from onehop.dataplane import flight_client
 from onehop.errors import Unavailable, from_rpc_error
 from onehop.keys import validate_name
 from onehop.settings import Settings
@@ -156,7 +157,7 @@ class GatewayControl:
             if protocol == "grpc":
                 probes.append(self._grpc_health(address))
             else:
-                probes.append(asyncio.to_thread(_flight_health, address))
+                probes.append(asyncio.to_thread(_flight_health, address, self.settings))
         healths = await asyncio.gather(*probes)
         return [
             ServiceHealth(name, address, health, protocol)
@@ -179,10 +180,10 @@ class GatewayControl:
             await channel.close()
 
 
-def _flight_health(address: str) -> str:
+def _flight_health(address: str, settings: Settings) -> str:
     """Without `shard_health_address` only the Flight port is known, and it has no
     grpc.health.v1: any answer to ListActions, even "not implemented", means it is up."""
-    client = flight.connect(flight_location(address))
+    client = flight_client(flight_location(address, settings), settings)
     try:
         options = flight.FlightCallOptions(timeout=HEALTH_TIMEOUT_SECONDS)
         list(client.list_actions(options=options))

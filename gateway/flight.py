@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from onehop.channels import flight_location
 from onehop.dataplane import (
     ACTIONS,
     DataClient,
@@ -34,6 +35,7 @@ from onehop.dataplane import (
 from onehop.dataset import file_format
 from onehop.errors import InvalidArgument, Unavailable, flight_errors, to_flight_error
 from onehop.keys import validate_name
+from onehop.server import flight_server_options
 from onehop.settings import Settings
 from protos.onehop.v1 import data_pb2
 
@@ -61,10 +63,14 @@ def _relay(upstream: flight.FlightStreamReader) -> Iterator[pa.RecordBatch]:
 
 class GatewayFlightServer(flight.FlightServerBase):
     """Listens from construction on `settings.host:settings.gateway_flight_port` (0 = any;
-    read `.port`). Stop with `.shutdown()` from another thread."""
+    read `.port`), with TLS / mTLS and the bearer token when settings ask for them. Stop
+    with `.shutdown()` from another thread."""
 
-    def __init__(self, settings: Settings, data: DataClient, **kwargs: Any):
-        super().__init__(f"grpc+tcp://{settings.host}:{settings.gateway_flight_port}", **kwargs)
+    def __init__(self, settings: Settings, data: DataClient):
+        super().__init__(
+            flight_location(f"{settings.host}:{settings.gateway_flight_port}", settings),
+            **flight_server_options(settings),
+        )
         self.settings = settings
         self._data = data
 

@@ -4,14 +4,15 @@ A prediction is a pure function of the weights and the row, and the weights dige
 the weights: so a request whose exact bytes were answered before, from a full cache hit,
 under the same resolved digest, gets the same encoded answer again — without parsing,
 hashing, reading LMDB or encoding (DESIGN §2's hit path, at its cheapest). Bounded in
-bytes, least recently used out first; a new model version means a new digest, so nothing
-needs flushing.
+bytes, least recently used out first. Keys carry the (version, digest) that
+InferenceRouter.resolved() gave, stale info included: once a refresh names other weights no
+request builds the old key again, so nothing needs flushing and no old answer is served.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,3 +56,15 @@ class ResponseMemo:
         while self.size > self.max_bytes:
             _, evicted = self._answers.popitem(last=False)
             self.size -= evicted.size
+
+    def keep_if_hit(
+        self, key: Hashable | None, weights: object, result: Any, build: Callable[[], Answer]
+    ) -> None:
+        """Keep `build()` under `key` when `result` (an InferResult) was a full hit under the
+        (version, digest) the key was made for: only then is it the answer to those bytes."""
+        if (
+            key is not None
+            and result.cache == "hit"
+            and weights == (result.model_version, result.digest)
+        ):
+            self.put(key, build())

@@ -84,16 +84,11 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         context.set_trailing_metadata(
             (("onehop-cache", result.cache), ("onehop-hops", str(result.hops)))
         )
-        if (
-            key is not None
-            and result.cache == "hit"
-            and weights
-            == (
-                result.model_version,
-                result.digest,
-            )
-        ):
-            # Kept and sent again as is: nobody may change it after this.
-            size = len(key[2]) + response.ByteSize()
-            self.router.answers.put(key, Answer(response, len(parsed.rows), size))
+        # Kept and sent again as is: nobody may change it after this.
+        self.router.answers.keep_if_hit(
+            key,
+            weights,
+            result,
+            lambda: Answer(response, len(parsed.rows), len(data) + response.ByteSize()),
+        )
         return response

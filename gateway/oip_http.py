@@ -123,18 +123,16 @@ def oip_routes(router: InferenceRouter) -> APIRouter:
         content, headers = tensors.http_response(parsed, result.model_version, result.outputs)
         headers["onehop-cache"] = result.cache
         headers["onehop-hops"] = str(result.hops)
-        if (
-            key is not None
-            and result.cache == "hit"
-            and weights
-            == (
-                result.model_version,
-                result.digest,
-            )
-        ):
-            prebuilt = {**headers, "onehop-hops": "0"}
-            size = len(body) + len(content)
-            router.answers.put(key, Answer((content, prebuilt), len(parsed.rows), size))
+        router.answers.keep_if_hit(
+            key,
+            weights,
+            result,
+            lambda: Answer(
+                (content, {**headers, "onehop-hops": "0"}),
+                len(parsed.rows),
+                len(body) + len(content),
+            ),
+        )
         return Response(content=content, headers=headers)
 
     # The hot path as plain Starlette routes, first in the table: no dependency solving,

@@ -1,8 +1,9 @@
 """The inference router: the predict path of DESIGN §2, shared by the gRPC and HTTP edges.
 
 Per request: resolve the model's serving version and weights digest (cached for
-`model_info_ttl_seconds`), key every row by (model, digest, row bytes), look all keys up in
-one batch — from the local LMDB replica's memory map (0 hops) or the cache service (1 hop) —
+`model_info_ttl_seconds`; past that served stale while one background refresh asks the
+trainer, for up to `model_info_stale_seconds` more if it cannot answer), key every row by
+(model, digest, row bytes), look all keys up in one batch — from the local LMDB replica's memory map (0 hops) or the cache service (1 hop) —
 send only the missing rows to the trainer in one call (1 hop), merge in order, and write the
 new rows back to the cache after the response, off the critical path and droppable.
 
@@ -55,6 +56,12 @@ log = logging.getLogger(__name__)
 DIGEST_PARAMETER = "onehop-weights-digest"
 # Deadline of metadata calls (and the most a resolve may take of a request's deadline).
 _CONTROL_TIMEOUT_S = 10.0
+# Deadline of a background refresh of expired model info: short, since requests are served
+# with the stale info meanwhile and the next one after a failure starts another.
+_REFRESH_TIMEOUT_S = 2.0
+# After a failed refresh the next one waits this long: an unreachable trainer gets one
+# GetModel a second per model from the refreshes, not one per request.
+_REFRESH_RETRY_S = 1.0
 _WRITEBACK_TIMEOUT_S = 5.0
 # A write-back waits this long for others to share its round.
 _WRITEBACK_LINGER_S = 0.05
@@ -101,6 +108,16 @@ def _outcome_metrics(outcome: str) -> tuple[Any, Any, Any]:
 MODEL_CALLS = Counter(
     "onehop_gateway_model_calls",
     "Inference calls from the gateway to the trainer (coalesced misses count once).",
+)
+STALE_MODEL_INFO = Counter(
+    "onehop_gateway_stale_model_info",
+    "Model-info lookups answered with info past model_info_ttl_seconds (a refresh running, "
+    "or the trainer unreachable), within model_info_stale_seconds.",
+)
+REFRESHES = Counter(
+    "onehop_gateway_model_info_refreshes",
+    "Background refreshes of expired model info by result (refreshed, failed).",
+    ["result"],
 )
 WRITEBACKS = Counter(
     "onehop_gateway_writebacks",
@@ -217,7 +234,10 @@ class InferenceRouter:
         self._reader: Any = None
         self._reader_retry_at = 0.0
         self._reader_lock = asyncio.Lock()
+        # (model, requested version) → (when the trainer answered, what it resolved to).
         self._models: dict[tuple[str, int], tuple[float, _Model]] = {}
+        # At most one background refresh of expired model info per (model, version).
+        self._refreshes: dict[tuple[str, int], asyncio.Task[None]] = {}
         # Output layout and input shape per weights digest: fixed by the weights, so kept.
         self._shapes: dict[
             tuple[str, str], tuple[str, int, tuple[tuple[str, int], ...] | None]
@@ -330,12 +350,10 @@ class InferenceRouter:
         """(version, weights digest) that `model` at `version` resolves to now, if known
         without asking the trainer (None otherwise, or for a version it would refuse)."""
         try:
-            cached = self._models.get((model, _parse_version(version)))
+            cached = self._cached(model, _parse_version(version))
         except InvalidArgument:
             return None
-        if cached is None or time.monotonic() - cached[0] >= self.settings.model_info_ttl_seconds:
-            return None
-        return cached[1].version, cached[1].digest
+        return None if cached is None else (cached.version, cached.digest)
 
     def count_prebuilt_hit(self, rows: int, seconds: float) -> None:
         """Metrics for a request an edge answered from the response memo: a 0-hop hit."""
@@ -346,16 +364,72 @@ class InferenceRouter:
         _ROWS_HIT.inc(rows)
 
     async def _resolve(self, model: str, version: int, deadline: float) -> tuple[_Model, int]:
-        """The model's resolved version, digest and shapes, and the hops spent learning them."""
-        cached = self._models.get((model, version))
-        if (
-            cached is not None
-            and time.monotonic() - cached[0] < self.settings.model_info_ttl_seconds
-        ):
-            return cached[1], 0
+        """The model's resolved version, digest and shapes, and the hops spent learning them.
+        Only a request for which nothing usable is known waits for the trainer (under its own
+        deadline, sharing one call with the others)."""
+        cached = self._cached(model, version)
+        if cached is not None:
+            return cached, 0
         return await self._flights.do(
             ("resolve", model, version), lambda: self._fetch(model, version, deadline), deadline
         )
+
+    def _cached(self, model: str, version: int) -> _Model | None:
+        """What is known of `model` at `version` without waiting (stale-while-revalidate):
+        the info the trainer gave within `model_info_ttl_seconds`; past that, the same info
+        while one background refresh asks the trainer again, for `model_info_stale_seconds`
+        at most (a frozen or unreachable trainer does not fail requests the cache can
+        answer); None when nothing usable is known."""
+        cached = self._models.get((model, version))
+        if cached is None:
+            return None
+        fetched_at, resolved = cached
+        age = time.monotonic() - fetched_at
+        ttl = self.settings.model_info_ttl_seconds
+        if age < ttl:
+            return resolved
+        if age >= ttl + self.settings.model_info_stale_seconds:
+            return None
+        STALE_MODEL_INFO.inc()
+        if (model, version) not in self._refreshes:
+            task = asyncio.create_task(
+                self._refresh(model, version), name=f"refresh {model} {version}"
+            )
+            self._refreshes[(model, version)] = task
+            task.add_done_callback(lambda _: self._refreshes.pop((model, version), None))
+        return resolved
+
+    async def _refresh(self, model: str, version: int) -> None:
+        """Ask the trainer again for expired model info; a promotion shows from here on.
+        A failure keeps the stale info (see _cached), except NotFound: the trainer answered
+        that the model or version is gone."""
+        deadline = time.monotonic() + _REFRESH_TIMEOUT_S
+        try:
+            await self._flights.do(
+                ("resolve", model, version),
+                lambda: self._fetch(model, version, deadline),
+                deadline,
+            )
+        except NotFound:
+            REFRESHES.labels("failed").inc()
+            self._models.pop((model, version), None)
+        except OnehopError as exc:
+            REFRESHES.labels("failed").inc()
+            cached = self._models.get((model, version))
+            if cached is not None:
+                log.warning(
+                    "cannot refresh model info of %s (%s); serving version %s (weights %s) "
+                    "from %.1f s ago, for at most %.0f s past its TTL",
+                    model,
+                    exc.message,
+                    cached[1].version,
+                    cached[1].digest[:12],
+                    time.monotonic() - cached[0],
+                    self.settings.model_info_stale_seconds,
+                )
+            await asyncio.sleep(_REFRESH_RETRY_S)  # holds this refresh's place meanwhile
+        else:
+            REFRESHES.labels("refreshed").inc()
 
     async def _fetch(self, model: str, version: int, deadline: float) -> tuple[_Model, int]:
         info = await self._call(
@@ -575,6 +649,10 @@ class InferenceRouter:
         return not self._queued and not self._writing
 
     async def close(self) -> None:
+        refreshes = list(self._refreshes.values())
+        for task in refreshes:
+            task.cancel()
+        await asyncio.gather(*refreshes, return_exceptions=True)
         await self.drain(_CLOSE_WAIT_S)
         if self._writer is not None:
             self._writer.cancel()

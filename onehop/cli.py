@@ -63,11 +63,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     """A local file streams through the gateway (DoPut); a URI (s3://, gs://, file://) is
     read by the shard service itself, under its source rules."""
-    import pyarrow.flight as flight
-
     from onehop.channels import flight_location
     from onehop.client import gateway_endpoints
-    from onehop.dataplane import put_file, run_action
+    from onehop.dataplane import flight_client, put_file, run_action
     from protos.onehop.v1 import data_pb2
 
     request = data_pb2.IngestRequest(
@@ -83,8 +81,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         source=args.path if "://" in args.path else "",
         format=args.format or "",
     )
-    address = flight_location(gateway_endpoints(_settings(args))["flight"])
-    with flight.connect(address) as client:
+    settings = _settings(args)
+    address = flight_location(gateway_endpoints(settings)["flight"], settings)
+    with flight_client(address, settings) as client:
         if request.source:
             body = run_action(client, "ingest", request.SerializeToString())
             info = data_pb2.DatasetInfo.FromString(body)

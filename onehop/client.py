@@ -18,7 +18,7 @@ import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
 from onehop.channels import auth_metadata, flight_location, sync_channel, tls_enabled
-from onehop.dataplane import put_dataset
+from onehop.dataplane import flight_client, put_dataset
 from onehop.errors import (
     InvalidArgument,
     NotFound,
@@ -84,7 +84,7 @@ class GatewayClient:
         self.timeout = timeout
         self._channel = sync_channel(self.endpoints["grpc"], settings)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
-        self._flight = flight.connect(flight_location(self.endpoints["flight"]))
+        self._flight = flight_client(flight_location(self.endpoints["flight"], settings), settings)
         self._http = _http_client(self.endpoints["http"], settings, timeout)
 
     def close(self) -> None:

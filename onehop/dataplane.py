@@ -1,23 +1,30 @@
 """The data plane's shared pieces: how a prepared shard is arranged for one read (shuffle by
 (seed, epoch), resume offset), so the shard service and the cache serve identical rows; the
 Flight edge's parsing of descriptors, tickets and DoPut streams, so every server reads them
-alike; and `DataClient`, the Flight client of the shard service and the cache."""
+alike; `flight_client`, a Flight connection with the TLS and token of the settings; and
+`DataClient`, the Flight client of the shard service and the cache nodes."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-import grpc
 import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 from google.protobuf.message import DecodeError, Message
 
-from onehop.channels import flight_location, sync_channel
+from onehop.channels import (
+    auth_metadata,
+    flight_client_options,
+    flight_location,
+    split_addresses,
+)
 from onehop.dataset import file_format, first_line, open_batches
 from onehop.errors import (
     InvalidArgument,
@@ -29,7 +36,7 @@ from onehop.errors import (
 )
 from onehop.keys import shard_key, validate_name
 from onehop.settings import Settings
-from protos.onehop.v1 import cache_pb2, cache_pb2_grpc, data_pb2
+from protos.onehop.v1 import cache_pb2, data_pb2
 
 log = logging.getLogger(__name__)
 
@@ -185,33 +192,109 @@ def _version(text: str) -> int:
     return version
 
 
+def flight_client(location: flight.Location | str, settings: Settings) -> flight.FlightClient:
+    """A Flight client of a onehop service, secured as the gRPC channels are: TLS with the CA
+    from settings, the process's certificate under mTLS, and the bearer token on every call
+    (a client middleware, so no call can forget it). `location` comes from a plan or from
+    `onehop.channels.flight_location(address, settings)`."""
+    headers = dict(auth_metadata(settings))
+    middleware = [_HeadersFactory(headers)] if headers else None
+    return flight.connect(location, middleware=middleware, **flight_client_options(settings))
+
+
+class _HeadersFactory(flight.ClientMiddlewareFactory):  # type: ignore[misc]
+    def __init__(self, headers: dict[str, str]):
+        super().__init__()
+        self._middleware = _Headers(headers)
+
+    def start_call(self, info: Any) -> flight.ClientMiddleware:
+        return self._middleware
+
+
+class _Headers(flight.ClientMiddleware):  # type: ignore[misc]
+    def __init__(self, headers: dict[str, str]):
+        super().__init__()
+        self._headers = headers
+
+    def sending_headers(self) -> dict[str, str]:
+        return self._headers
+
+
+@dataclass(frozen=True)
+class CacheNodes:
+    """The cache nodes of the data plane, in the order of ONEHOP_CACHE_ADDRESS.
+
+    A node's name is its gRPC address, as `cache_service.client.CacheClient` knows it, so
+    the gateway's predictions, its plans and the shard service's write-through place a key
+    on the same node (`cache_service.client.node_for`). ONEHOP_CACHE_FLIGHT_ADDRESS lists
+    the nodes' Flight addresses in the same order, one per node. With no gRPC address, a
+    single Flight address is a node of its own, named by it.
+    """
+
+    names: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CacheNodes:
+        names = split_addresses(settings.cache_address)
+        addresses = split_addresses(settings.cache_flight_address)
+        if not addresses:
+            return cls()
+        if not names and len(addresses) == 1:
+            return cls(tuple(addresses), tuple(addresses))
+        if len(names) != len(addresses):
+            raise ValueError(
+                f"ONEHOP_CACHE_FLIGHT_ADDRESS lists {len(addresses)} Flight addresses for the "
+                f"{len(names)} cache nodes of ONEHOP_CACHE_ADDRESS: list one per node, in the "
+                "same order"
+            )
+        return cls(tuple(names), tuple(addresses))
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+    def place(self, key: bytes) -> int:
+        """The index of the node that holds `key` (`cache_service.client.node_for`)."""
+        if len(self.names) == 1:
+            return 0
+        from cache_service.client import node_for  # cache_service imports this module
+
+        return self.names.index(node_for(key, self.names))
+
+
+# The cache's Flight action by which a planner asks a node which keys it holds
+# (`cache_service.flight`): body a ContainsRequest, one result, a ContainsResponse.
+CONTAINS_ACTION = "Contains"
+# A cache node that failed to answer is planned without for this long (then asked again).
+_CACHE_DOWN_SECONDS = 1.0
+
+
 class DataClient:
     """The data plane's client (sync, thread-safe): plans that put the cache first, reads
     that fall back from one location to the next, ingest by Flight DoPut.
 
     Used by the gateway's Flight server and by the trainer. `settings.shard_address` is the
-    shard service's Flight host:port; `cache_address` (cache gRPC) and
-    `cache_flight_address` may be empty (no cache).
+    shard service's Flight host:port; `cache_address` (cache gRPC, one or several nodes) and
+    `cache_flight_address` (their Flight addresses, same order) may be empty (no cache).
+    Every connection uses the TLS and token settings.
     """
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.shard_location = (
-            flight.Location(flight_location(settings.shard_address))
+            flight.Location(flight_location(settings.shard_address, settings))
             if settings.shard_address
             else None
         )
-        self.cache_location = (
-            flight.Location(flight_location(settings.cache_flight_address))
-            if settings.cache_flight_address
-            else None
-        )
+        self.cache_nodes = CacheNodes.from_settings(settings)
+        self._cache_locations = [
+            flight.Location(flight_location(address, settings))
+            for address in self.cache_nodes.addresses
+        ]
+        self._cache_options = flight.FlightCallOptions(timeout=settings.cache_timeout_seconds)
+        self._cache_down_until = [0.0] * len(self._cache_locations)
         self._clients: dict[str, flight.FlightClient] = {}
         self._lock = threading.Lock()
-        self._cache_channel = (
-            sync_channel(settings.cache_address, settings) if settings.cache_address else None
-        )
-        self._cache = cache_pb2_grpc.CacheStub(self._cache_channel) if self._cache_channel else None
 
     # --- connections -----------------------------------------------------------------------
 
@@ -223,7 +306,7 @@ class DataClient:
         with self._lock:
             client = self._clients.get(uri)
             if client is None:
-                client = self._clients[uri] = flight.connect(uri)
+                client = self._clients[uri] = flight_client(uri, self.settings)
             return client
 
     @property
@@ -240,8 +323,6 @@ class DataClient:
             clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             client.close()
-        if self._cache_channel is not None:
-            self._cache_channel.close()
 
     def __enter__(self) -> DataClient:
         return self
@@ -266,43 +347,59 @@ class DataClient:
     # --- plan and read -----------------------------------------------------------------------
 
     def plan(self, request: data_pb2.DataRequest) -> flight.FlightInfo:
-        """The shard service's plan with each cached shard's cache location put first."""
+        """The shard service's plan with each cached shard's cache node put first."""
         descriptor = flight.FlightDescriptor.for_command(request.SerializeToString())
         try:
             info = self._shard.get_flight_info(descriptor)
         except (flight.FlightError, pa.ArrowException) as exc:
             raise from_flight_error(exc) from None
-        endpoints = list(info.endpoints)
-        cached = self._cached([e.ticket.ticket for e in endpoints])
+        if not self._cache_locations:
+            return info
+        endpoints = info.endpoints
+        holders = self._cached([endpoint.ticket.ticket for endpoint in endpoints])
+        if not any(holders):
+            return info
         planned = [
-            flight.FlightEndpoint(
-                endpoint.ticket,
-                [self.cache_location, *(endpoint.locations or [self._shard_location()])]
-                if hit and self.cache_location is not None
-                else list(endpoint.locations or [self._shard_location()]),
-            )
-            for endpoint, hit in zip(endpoints, cached, strict=True)
+            flight.FlightEndpoint(endpoint.ticket, [holder, *endpoint.locations])
+            if holder is not None
+            else endpoint
+            for endpoint, holder in zip(endpoints, holders, strict=True)
         ]
         return flight.FlightInfo(
             info.schema, info.descriptor, planned, info.total_records, info.total_bytes
         )
 
-    def _cached(self, tickets: list[bytes]) -> list[bool]:
-        """One batched Contains for every ticket's shard key; a cache that is down, slow or
-        not configured holds nothing."""
-        if self._cache is None or self.cache_location is None or not tickets:
-            return [False] * len(tickets)
-        keys = [shard_key(data_pb2.ShardTicket.FromString(t)) for t in tickets]
-        try:
-            response = self._cache.Contains(
-                cache_pb2.ContainsRequest(keys=keys),
-                timeout=self.settings.cache_timeout_seconds,
-            )
-        except grpc.RpcError as exc:
-            log.debug("cache Contains failed (%s); planning without the cache", exc.code())
-            return [False] * len(tickets)
-        found = list(response.found)
-        return found if len(found) == len(keys) else [False] * len(keys)
+    def _cached(self, tickets: list[bytes]) -> list[flight.Location | None]:
+        """For each ticket, the Flight location of the cache node that holds its shard, or
+        None: one batched Contains per node (the cache's Flight action, over the connection
+        reads use). A node that is down, slow or not configured holds nothing, and is not
+        asked again for a second."""
+        found: list[flight.Location | None] = [None] * len(tickets)
+        if not self._cache_locations or not tickets:
+            return found
+        keys = [shard_key(data_pb2.ShardTicket.FromString(ticket)) for ticket in tickets]
+        by_node: dict[int, list[int]] = {}
+        for index, key in enumerate(keys):
+            by_node.setdefault(self.cache_nodes.place(key), []).append(index)
+        for node, indexes in by_node.items():
+            if self._cache_down_until[node] > time.monotonic():
+                continue
+            location = self._cache_locations[node]
+            request = cache_pb2.ContainsRequest(keys=[keys[i] for i in indexes])
+            action = flight.Action(CONTAINS_ACTION, request.SerializeToString())
+            try:
+                (result,) = self._client(location).do_action(action, self._cache_options)
+                hits = cache_pb2.ContainsResponse.FromString(result.body.to_pybytes()).found
+            except (flight.FlightError, pa.ArrowException, ValueError) as exc:
+                self._cache_down_until[node] = time.monotonic() + _CACHE_DOWN_SECONDS
+                log.debug("cache %s Contains failed (%s): planned without it", location, exc)
+                continue
+            if len(hits) != len(indexes):
+                continue
+            for index, hit in zip(indexes, hits, strict=True):
+                if hit:
+                    found[index] = location
+        return found
 
     def read(self, endpoint: flight.FlightEndpoint) -> pa.Table:
         """The endpoint's rows from its first location that has them.
@@ -342,8 +439,8 @@ class DataClient:
         """Where a bare ticket is redeemed: the cache when it holds the shard, then the
         shard service (one Contains, as a plan would do)."""
         shard = self._shard_location()
-        cached = self.cache_location is not None and self._cached([ticket])[0]
-        return flight.FlightEndpoint(ticket, [self.cache_location, shard] if cached else [shard])
+        (holder,) = self._cached([ticket])
+        return flight.FlightEndpoint(ticket, [shard] if holder is None else [holder, shard])
 
     # --- ingest ------------------------------------------------------------------------------
 

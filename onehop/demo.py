@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from onehop.client import GatewayClient, read_batches
+from onehop.dataplane import flight_client
 from onehop.dataset import TARGET, credit_default, write_csv
 from onehop.launcher import Mesh
 from onehop.settings import Settings
@@ -34,14 +35,20 @@ class ReadPass:
     endpoints: int
 
 
-def read_plan(info: flight.FlightInfo, cache_flight: set[str]) -> ReadPass:
-    """Redeem every endpoint at its first location, as any Flight client would."""
+def read_plan(
+    info: flight.FlightInfo, cache_flight: set[str], settings: Settings | None = None
+) -> ReadPass:
+    """Redeem every endpoint at its first location, as any Flight client would (with the
+    TLS and token of `settings`; None: the environment's)."""
+    settings = settings or Settings()
     clients: dict[str, flight.FlightClient] = {}
     start = time.perf_counter()
     rows = size = from_cache = 0
     for endpoint in info.endpoints:
         location = endpoint.locations[0].uri.decode()
-        client = clients.get(location) or clients.setdefault(location, flight.connect(location))
+        client = clients.get(location) or clients.setdefault(
+            location, flight_client(location, settings)
+        )
         table = client.do_get(endpoint.ticket).read_all()
         rows += table.num_rows
         size += table.nbytes
@@ -162,8 +169,8 @@ def _demo(settings: Settings, rows: int, epochs: int) -> int:
                 scaling=data_pb2.SCALING_STANDARD, passthrough=[TARGET]
             ),
         )
-        origin = read_plan(client.plan(request), cache_flight)
-        cached = read_plan(_wait_cached(client, request), cache_flight)
+        origin = read_plan(client.plan(request), cache_flight, settings)
+        cached = read_plan(_wait_cached(client, request), cache_flight, settings)
 
         # Predict plane: held-out batches twice through the HTTP bridge.
         held_out = np.column_stack(
@@ -247,7 +254,7 @@ def _cache_flight_locations(settings: Settings) -> set[str]:
     from onehop.launcher import read_run_file
 
     info = read_run_file(settings.data_dir, "cache")
-    return {flight_location(info["endpoints"]["flight"])} if info else set()
+    return {flight_location(info["endpoints"]["flight"], settings)} if info else set()
 
 
 def _cpus() -> int:

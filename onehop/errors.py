@@ -7,9 +7,10 @@ logged next to the real traceback — the exception text never reaches the wire.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -75,6 +76,13 @@ class PermissionDenied(OnehopError):
     http_status = 403
 
 
+class Unimplemented(OnehopError):
+    """A method this server does not offer (a generated base class's NotImplementedError)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    http_status = 501
+
+
 class Internal(OnehopError):
     """Unexpected failure; the message is generic and carries a correlation id."""
 
@@ -97,6 +105,7 @@ _TABLE: tuple[type[OnehopError], ...] = (
     FailedPrecondition,
     Unauthenticated,
     PermissionDenied,
+    Unimplemented,
 )
 _BY_CODE: dict[grpc.StatusCode, type[OnehopError]] = {cls.code: cls for cls in reversed(_TABLE)}
 _BY_HTTP_STATUS: dict[int, type[OnehopError]] = {cls.http_status: cls for cls in reversed(_TABLE)}
@@ -129,6 +138,8 @@ def to_onehop_error(exc: BaseException) -> OnehopError:
         return exc
     if isinstance(exc, grpc.RpcError):
         return from_rpc_error(exc)
+    if isinstance(exc, NotImplementedError):
+        return Unimplemented("this method is not implemented by this server")
     return Internal.wrap(exc)
 
 
@@ -159,24 +170,25 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
         if handler is None:
             return handler
+        # Every kind gets the tolerant deserializer: a request (or one message of a request
+        # stream) that does not parse is INVALID_ARGUMENT, not grpc's INTERNAL.
         deserializer = _tolerant(handler.request_deserializer)
+        serializer = handler.response_serializer
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
+                _wrap_unary(handler.unary_unary), deserializer, serializer
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
+                _wrap_stream(handler.unary_stream), deserializer, serializer
             )
         if handler.stream_unary:  # a request stream in, one answer out: awaited like unary
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                _wrap_unary(_checked_requests(handler.stream_unary)), deserializer, serializer
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(_checked_requests(handler.stream_stream)), deserializer, serializer
             )
         return handler
 
@@ -223,11 +235,28 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     await context.abort(error.code, error.message)
 
 
+def _checked_requests(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """`behavior` for a request stream, fed the stream with each message checked as it
+    arrives (see `_Malformed`)."""
+
+    async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            _check_parsed(request)
+            yield request
+
+    def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        return behavior(checked(requests), context)
+
+    return call
+
+
 def _wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             _check_parsed(request)
-            return await behavior(request, context)
+            answer = behavior(request, context)
+            # A generated base class's method is synchronous (it raises NotImplementedError).
+            return await answer if inspect.isawaitable(answer) else answer
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # the error table's catch-all: mapped, never leaked
@@ -237,11 +266,19 @@ def _wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """A server-streaming handler, whatever its form: an async generator (our servicers) or
+    a coroutine that sends with `context.write` and returns None (grpc's aio health Watch).
+    The wrapper itself sends with `context.write`, so both work."""
+
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> None:
         try:
             _check_parsed(request)
-            async for item in behavior(request, context):
-                yield item
+            answers = behavior(request, context)
+            if isinstance(answers, AsyncIterable):
+                async for answer in answers:
+                    await context.write(answer)
+            else:
+                await answers
         except grpc.aio.AbortError:
             raise
         except Exception as exc:

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     cache_timeout_seconds: float = Field(0.25, gt=0)
     # How long the gateway trusts a model's resolved version and weights digest.
     model_info_ttl_seconds: float = Field(2.0, ge=0)
+    # Past its TTL the gateway keeps serving that info while it refreshes it in the
+    # background; when the trainer cannot answer, for at most this long (then requests wait).
+    model_info_stale_seconds: float = Field(300.0, ge=0)
     # Pending write-backs to the cache beyond this many are dropped (off the critical path).
     max_pending_writebacks: int = Field(64, ge=1)
     # Server-side ingest ("ingest" action): local sources must lie under this directory

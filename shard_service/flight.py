@@ -21,9 +21,11 @@ import pyarrow.flight as flight
 from onehop.channels import flight_location
 from onehop.dataplane import (
     ACTIONS,
+    CacheNodes,
     arrange,
     data_request,
     epoch_permutation,
+    flight_client,
     ingest_request,
     parse_message,
     put_batches,
@@ -32,6 +34,7 @@ from onehop.dataplane import (
 )
 from onehop.errors import InvalidArgument, flight_errors
 from onehop.keys import shard_key, validate_name
+from onehop.server import flight_server_options
 from onehop.settings import Settings
 from protos.onehop.v1 import data_pb2
 from shard_service.catalog import Catalog, DatasetInfo
@@ -67,7 +70,9 @@ def _row_bytes(schema: pa.Schema) -> int | None:
 
 
 class WriteThrough:
-    """Copies prepared shards to the cache's Flight DoPut, off the critical path.
+    """Copies prepared shards to the cache's Flight DoPut, off the critical path: each to
+    the node that holds its key (`CacheNodes.place`, the placement every planner uses),
+    over TLS and with the token when `settings` ask for them.
 
     A queue bounded in entries and bytes feeds one background thread; when it is full the
     shard is dropped (the next miss will offer it again). Failures are logged and counted, never
@@ -83,13 +88,18 @@ class WriteThrough:
 
     def __init__(
         self,
-        address: str,
+        nodes: CacheNodes | str,
         max_pending: int,
         max_pending_bytes: int = 256 << 20,
         timeout_seconds: float = 30.0,
         max_delay_seconds: float = 2.0,
+        settings: Settings | None = None,
     ):
-        self.address = address
+        # A bare address is one node (its Flight host:port).
+        self.nodes = CacheNodes((nodes,), (nodes,)) if isinstance(nodes, str) else nodes
+        if not self.nodes:
+            raise ValueError("write-through needs at least one cache node")
+        self.settings = settings or Settings()  # None: the environment's
         self.written = 0
         self.dropped = 0
         self.failed = 0
@@ -139,7 +149,7 @@ class WriteThrough:
                     self._quiet.notify_all()
 
     def _run(self) -> None:
-        client: flight.FlightClient | None = None
+        clients: dict[str, flight.FlightClient] = {}
         while True:
             item = self._queue.get()
             if item is self._STOP:
@@ -148,8 +158,11 @@ class WriteThrough:
                 self._quiet.wait_for(lambda: not self._streams, self._max_delay)
             key, ticket, table = item
             try:
+                address = self.nodes.addresses[self.nodes.place(key)]
+                client = clients.get(address)
                 if client is None:
-                    client = flight.connect(flight_location(self.address))
+                    location = flight_location(address, self.settings)
+                    client = clients[address] = flight_client(location, self.settings)
                 descriptor = flight.FlightDescriptor.for_command(ticket)
                 writer, reader = client.do_put(descriptor, table.schema, options=self._options)
                 writer.write_table(table)
@@ -163,7 +176,7 @@ class WriteThrough:
                 with self._lock:
                     self._pending.discard(key)
                     self._pending_bytes -= table.nbytes
-        if client is not None:
+        for client in clients.values():
             client.close()
 
     def close(self, timeout: float = 5.0) -> None:
@@ -182,7 +195,10 @@ class ShardFlightServer(flight.FlightServerBase):
         write_through: WriteThrough | None = None,
         sources: Sources | None = None,
     ):
-        super().__init__(flight_location(f"{settings.host}:{settings.shard_flight_port}"))
+        super().__init__(
+            flight_location(f"{settings.host}:{settings.shard_flight_port}", settings),
+            **flight_server_options(settings),
+        )
         self.catalog = catalog
         self.max_batch_bytes = settings.max_message_bytes
         self.write_through = write_through
@@ -192,7 +208,8 @@ class ShardFlightServer(flight.FlightServerBase):
             # Listening on every interface: advertise the configured address or our name.
             host = settings.shard_address.rpartition(":")[0] or socket.gethostname()
         self.address = f"{host}:{self.port}"
-        self.location = flight.Location(flight_location(self.address))
+        # What plans hand out: grpc+tls when TLS is on.
+        self.location = flight.Location(flight_location(self.address, settings))
 
     # --- discovery -------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from pathlib import Path
 
+from onehop.dataplane import CacheNodes
 from onehop.server import GrpcServer, Running
 from onehop.settings import Settings
 from shard_service.catalog import Catalog
@@ -23,9 +24,10 @@ async def start(settings: Settings) -> Running:
     catalog = await asyncio.to_thread(
         Catalog.open, settings.service_dir("shard"), settings.default_shards
     )
+    cache_nodes = CacheNodes.from_settings(settings)
     write_through = (
-        WriteThrough(settings.cache_flight_address, settings.max_pending_writebacks)
-        if settings.cache_flight_address
+        WriteThrough(cache_nodes, settings.max_pending_writebacks, settings=settings)
+        if cache_nodes
         else None
     )
     sources = Sources(

@@ -87,12 +87,6 @@ def test_bearer_token_on_grpc_http_and_flight(token_mesh: MeshUnderTest, report:
         assert health_status(mesh.endpoint(service)) == "SERVING", service
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/flight.py (GatewayFlightServer) and shard_service/flight.py "
-    "(ShardFlightServer) are built without onehop.server.flight_server_options (the cache's "
-    "is): no bearer token is checked on their Flight ports (DoGet/DoPut answer without one)",
-)
 def test_bearer_token_on_flight(token_mesh: MeshUnderTest, report: Report) -> None:
     seen = {}
     for who, value in CREDENTIALS.items():

@@ -22,37 +22,18 @@ EXAMPLES = 150 if FULL else 10
 DEADLINE = 5.0
 
 
-_WATCH = (
-    "onehop/errors.py ErrorInterceptor._wrap_stream iterates the handler with `async for`, "
-    "but grpc's aio HealthServicer.Watch writes with context.write() (a coroutine, not an "
-    "async generator) and List is not implemented: grpc.health.v1 Watch/List answer INTERNAL "
-    "on every service (probes use Check, which works)"
-)
-_CACHE_FLIGHT = (
-    "cache_service/flight.py CacheFlightServer keeps FlightServerBase's defaults for "
-    "ListFlights/GetFlightInfo/GetSchema: their NotImplementedError "
-    "goes out as UNIMPLEMENTED with a Python traceback in the message"
-)
+# An upstream limitation, not ours to fix here: pyarrow's GetSchema callback (pyarrow 26,
+# `_flight.pyx` `_get_schema`) has no FlightError branch, unlike every other Flight method,
+# so any error raised by a server's get_schema — a clean FlightServerError included — goes
+# out with "Detail: Python exception: Traceback ..." appended. The message still leads with
+# the error table's code.
 _GET_SCHEMA = (
-    "shard_service/flight.py and gateway/flight.py get_schema: pyarrow appends a Python "
-    "traceback to a FlightServerError raised from GetSchema ('a dataset path is [name] or "
-    "[name, version], got 0 elements. Detail: Python exception: Traceback ...')"
+    "pyarrow's _get_schema callback lacks the FlightError branch the other Flight methods "
+    "have: an error raised from get_schema (shard, gateway; the cache's default) leaves with "
+    "a Python traceback appended to its message"
 )
 KNOWN = {
-    "shard:FlightService.GetSchema": _GET_SCHEMA,
-    "gateway:FlightService.GetSchema": _GET_SCHEMA,
-    "cache:Cache.StreamPut": "onehop/errors.py ErrorInterceptor: the stream_unary handler keeps "
-    "the raw request deserializer (not _tolerant), so an undecodable StreamPut message is "
-    "INTERNAL instead of INVALID_ARGUMENT",
-    **{
-        f"{s}:Health.{m}": _WATCH
-        for s in ("cache", "shard", "trainer", "gateway")
-        for m in ("List", "Watch")
-    },
-    **{
-        f"cache:FlightService.{m}": _CACHE_FLIGHT
-        for m in ("ListFlights", "GetFlightInfo", "GetSchema")
-    },
+    f"{service}:FlightService.GetSchema": _GET_SCHEMA for service in ("shard", "gateway", "cache")
 }
 
 
@@ -128,7 +109,6 @@ _OVERFLOW = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=_OVERFLOW)
 def test_access_hints_cannot_break_cache_stats(
     mesh: MeshUnderTest, clients: Clients, report: Report
 ) -> None:

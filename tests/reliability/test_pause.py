@@ -93,12 +93,6 @@ def test_frozen_trainer_keeps_deadlines(
     recovered()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/router.py Router._resolve: once model_info_ttl_seconds passes, every "
-    "request (all-hit ones too) waits on the trainer's GetModel; a frozen trainer turns "
-    "cached predictions into DEADLINE_EXCEEDED instead of serving the last known digest",
-)
 def test_frozen_trainer_still_serves_cached_predictions(
     mesh,
     workloads: Workloads,
@@ -122,13 +116,6 @@ def test_frozen_trainer_still_serves_cached_predictions(
     assert {c.code for c in during} == {"OK"}, f"cached predictions during the pause: {during}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cache_service/store.py CacheStore._commit_batch/_finish call set_result/"
-    "set_exception on a Put's future that its caller already cancelled (deadline passed): "
-    "InvalidStateError kills the single cache-writer thread, and every later write hangs "
-    "to its deadline while health still says SERVING",
-)
 def test_puts_expiring_in_a_frozen_cache_leave_it_writable(
     mesh: MeshUnderTest, clients: Clients, workloads: Workloads, faults: Faults
 ) -> None:

@@ -29,11 +29,8 @@ FAULT_EVERY = 10.0 if FULL else 8.0
 # A leak shows as steady growth; a one-off allocation (a new model loaded, an LMDB map
 # touched) stays well under this over a soak of minutes.
 MAX_GROWTH_MIB = 128.0
-# Pausing the cache is left out until its writer survives Puts cancelled in the pause
-# (test_pause.py::test_puts_expiring_in_a_frozen_cache_leave_it_writable, xfail): the
-# gateway's write-backs expire there and wedge it. Add ("pause", "cache") with that fix.
-PLAN = [("kill", "cache"), ("pause", "trainer"), ("kill", "shard"), ("kill", "trainer"),
-        ("kill", "gateway")]  # fmt: skip
+PLAN = [("kill", "cache"), ("pause", "cache"), ("pause", "trainer"), ("kill", "shard"),
+        ("kill", "trainer"), ("kill", "gateway")]  # fmt: skip
 
 
 def test_soak_with_periodic_faults(

@@ -295,6 +295,77 @@ async def test_touch_counts_remote_hits_and_skips_unknown_keys(
     assert stats.hints_dropped == 7
 
 
+async def test_absurd_touch_counts_are_skipped_and_stats_keep_answering(
+    stub: cache_pb2_grpc.CacheStub,
+) -> None:
+    await stub.Touch(cache_pb2.TouchRequest(misses={"pred": 3}))
+    hostile = cache_pb2.TouchRequest(misses={"pred": 2**64 - 1}, dropped=2**64 - 1)
+    for _ in range(2):  # twice: the sums used to pass 2**64 and break GetStats for good
+        await stub.Touch(hostile)
+    stats = await stub.GetStats(cache_pb2.GetStatsRequest())
+    assert stats.namespaces["pred"].misses == 3 and stats.hints_dropped == 0
+
+
+def test_stats_saturate_at_the_uint64_maximum() -> None:
+    from cache_service.servicer import UINT64_MAX, stats_to_proto
+    from cache_service.store import NamespaceStats, StoreStats
+
+    huge = 2**70
+    proto = stats_to_proto(
+        StoreStats({"pred": NamespaceStats(hits=huge, misses=5)}, 1 << 20, 0, huge, huge)
+    )
+    assert (proto.namespaces["pred"].hits, proto.namespaces["pred"].misses) == (UINT64_MAX, 5)
+    assert proto.commits == proto.hints_dropped == UINT64_MAX
+
+
+async def test_unreadable_stream_put_message_is_invalid_argument(cache, settings: Settings) -> None:
+    async with aio_channel(cache.endpoints["grpc"], settings) as channel:
+        stream_put = channel.stream_unary("/onehop.v1.Cache/StreamPut")
+        first = cache_pb2.StreamPutRequest(key=b"shard/d/x").SerializeToString()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stream_put(iter([first, b"\xff"]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        got = await cache_pb2_grpc.CacheStub(channel).Get(cache_pb2.GetRequest(key=b"shard/d/x"))
+        assert not got.found
+
+
+class _WriterKilled(BaseException):
+    """Escapes every `except Exception`: stands for a bug that ends the writer thread."""
+
+
+async def test_a_dead_writer_turns_health_not_serving_and_puts_unavailable(
+    settings: Settings,
+) -> None:
+    server = CacheServer(settings)
+    address = await server.listen()
+    try:
+        await server.open()
+        assert server.store is not None
+
+        def fatal_clock() -> float:  # the writer calls the clock at the start of a commit
+            raise _WriterKilled()
+
+        server.store._clock = fatal_clock  # fault injection: the next commit kills it
+        async with aio_channel(address, settings) as channel:
+            stub = cache_pb2_grpc.CacheStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            codes = []
+            for _ in range(2):  # the one in flight, then one refused at once
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Put(cache_pb2.PutRequest(key=b"pred/m/x", value=b"v"), timeout=10)
+                codes.append(info.value.code())
+            assert codes == [grpc.StatusCode.UNAVAILABLE] * 2
+            watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+            async for reply in watch:  # SERVING first (maybe), then NOT_SERVING
+                if reply.status == NOT_SERVING:
+                    break
+            watch.cancel()
+            check = await health.Check(health_pb2.HealthCheckRequest(service="onehop.v1.Cache"))
+            assert check.status == NOT_SERVING
+    finally:
+        await server.stop()
+
+
 async def test_stream_put_and_get_of_a_value_larger_than_one_chunk(
     stub: cache_pb2_grpc.CacheStub,
 ) -> None:

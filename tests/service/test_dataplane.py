@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -393,3 +393,105 @@ async def test_http_upload_streams_a_file_into_a_new_version(mesh: Mesh, tmp_pat
                 assert reply.status_code == 400 and message in reply.json()["error"], reply.text
         await channel.close()
         assert [(d.name, d.version) for d in data.list_datasets()] == [("loans", 2)]
+
+
+# --- several cache nodes ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_caches(settings: Settings) -> Iterator[tuple[Settings, list, Callable]]:
+    """Two real cache servers and a shard service writing through to both, placed by
+    rendezvous hashing; yields the client settings, the caches and `run` (on their loop)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="caches-loop", daemon=True)
+    thread.start()
+
+    def run(coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(30)
+
+    caches: list = []
+    shard = None
+    try:
+        for name in ("a", "b"):
+            node = settings.model_copy(update={"data_dir": settings.data_dir / name})
+            caches.append(run(start_cache(node)))
+        wired = settings.model_copy(
+            update={
+                "cache_address": ",".join(c.endpoints["grpc"] for c in caches),
+                "cache_flight_address": ", ".join(c.endpoints["flight"] for c in caches),
+                "default_shards": 8,
+            }
+        )
+        shard = run(start_shard(wired))
+        yield wired.model_copy(update={"shard_address": shard.endpoints["flight"]}), caches, run
+    finally:
+        if shard is not None:
+            run(shard.stop())
+        for cache in caches:
+            run(cache.stop())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def test_several_cache_nodes_share_the_shards_by_placement(two_caches) -> None:
+    from cache_service.client import node_for
+
+    settings, caches, run = two_caches
+    names = [c.endpoints["grpc"] for c in caches]
+    flights = {c.endpoints["grpc"]: flight_location(c.endpoints["flight"]) for c in caches}
+    shard_location = flight_location(settings.shard_address)
+    with DataClient(settings) as client:
+        client.ingest("loans", make_table(rows=800))
+        request = data_pb2.DataRequest(dataset="loans")
+        cold = client.plan(request)
+        assert all(locations(e) == [shard_location] for e in cold.endpoints)
+        assert sum(client.read(e).num_rows for e in cold.endpoints) == 800
+
+        # Each shard was written through to the node that placement gives its key, only there.
+        keys = keys_of(cold)
+        placed = {key: node_for(key, names) for key in keys}
+        assert set(placed.values()) == set(names), "8 shards over 2 nodes: both hold some"
+        channels = [sync_channel(name, settings) for name in names]
+        stubs = {
+            name: cache_pb2_grpc.CacheStub(ch) for name, ch in zip(names, channels, strict=True)
+        }
+
+        def held(name: str) -> list[bool]:
+            reply = stubs[name].Contains(cache_pb2.ContainsRequest(keys=keys), timeout=5)
+            return list(reply.found)
+
+        deadline = time.monotonic() + 10
+        while [held(name) for name in names] != [[placed[k] == n for k in keys] for n in names]:
+            assert time.monotonic() < deadline, [held(name) for name in names]
+            time.sleep(0.02)
+
+        # The plan puts each shard's own node first, the shard service after it.
+        warm = client.plan(request)
+        for endpoint, key in zip(warm.endpoints, keys_of(warm), strict=True):
+            assert locations(endpoint) == [flights[placed[key]], shard_location]
+        assert sum(client.read(e).num_rows for e in warm.endpoints) == 800
+
+        for stub_channel in channels:
+            stub_channel.close()
+        with flight.connect(flights[names[0]]) as node:  # the planner's action, bad input
+            with pytest.raises(flight.FlightError) as caught:
+                list(node.do_action(flight.Action("Contains", b"\xff garbage")))
+            assert isinstance(from_flight_error(caught.value), InvalidArgument)
+
+        # A node that is down: its shards are planned without it (misses), the rest still hit.
+        run(caches[1].stop())
+        degraded = client.plan(request)
+        for endpoint, key in zip(degraded.endpoints, keys_of(degraded), strict=True):
+            expected = [shard_location] if placed[key] == names[1] else [flights[names[0]]]
+            assert locations(endpoint)[:1] == expected
+        ids = sorted(i for e in degraded.endpoints for i in client.read(e)["id"].to_pylist())
+        assert ids == list(range(800))
+
+
+def test_cache_flight_addresses_must_pair_with_the_nodes(settings: Settings) -> None:
+    mismatched = settings.model_copy(
+        update={"cache_address": "127.0.0.1:1,127.0.0.1:2", "cache_flight_address": "127.0.0.1:3"}
+    )
+    with pytest.raises(ValueError, match="one per node, in the same order"):
+        DataClient(mismatched)

@@ -157,15 +157,16 @@ async def mesh(
             await running.stop()
 
 
-async def _train(channel: grpc.aio.Channel) -> None:
-    """A one-epoch job on the tiny table: a registered model in a few seconds."""
+async def _train(channel: grpc.aio.Channel, seed: int = 0) -> None:
+    """A one-epoch job on the tiny table: a registered (and promoted) model in a few seconds;
+    another `seed` gives other weights."""
     stub = trainer_pb2_grpc.TrainerStub(channel)
     job = await stub.StartJob(
         trainer_pb2.StartJobRequest(
             dataset=DATASET,
             target="label",
             model_name=MODEL,
-            hyperparameters=trainer_pb2.Hyperparameters(epochs=1, batch_size=64),
+            hyperparameters=trainer_pb2.Hyperparameters(epochs=1, batch_size=64, seed=seed),
         ),
         timeout=30,
     )
@@ -757,3 +758,106 @@ async def test_request_timeout_parameter_is_honoured(mesh: Mesh) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await mesh.stub.ModelInfer(request, timeout=10)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# --- expired model info: stale-while-revalidate -------------------------------------------
+
+
+def stale_lookups() -> float:
+    return REGISTRY.get_sample_value("onehop_gateway_stale_model_info_total") or 0.0
+
+
+def failed_refreshes() -> float:
+    sample = "onehop_gateway_model_info_refreshes_total"
+    return REGISTRY.get_sample_value(sample, {"result": "failed"}) or 0.0
+
+
+async def test_cached_predictions_outlive_the_model_info_ttl_while_the_trainer_is_stopped(
+    mesh: Mesh,
+) -> None:
+    """A trainer process under SIGSTOP: past the model-info TTL, and after the refresh that
+    asks it has failed, all-hit requests are still answered (with the last known weights)
+    instead of waiting on it into DEADLINE_EXCEEDED."""
+    import signal
+
+    from onehop.channels import Replicas
+
+    replica = Process("trainer_service", "trainer", mesh.settings)
+    channel = None
+    try:
+        channel = aio_channel((await replica.endpoints())["grpc"], mesh.settings)
+        short = mesh.settings.model_copy(update={"model_info_ttl_seconds": 0.2})
+        router = InferenceRouter(short, Replicas([channel], attempt_timeout=1.0), mesh.cache)
+        try:
+            rows = fresh_rows(4)
+            first = await router.infer(MODEL, "", rows, timeout=20)
+            assert first.cache == "miss"
+            assert await router.drain(10)
+
+            replica.signal(signal.SIGSTOP)
+            stale, failed = stale_lookups(), failed_refreshes()
+            answers = []
+            async with asyncio.timeout(30):
+                while failed_refreshes() == failed:
+                    answers.append(await router.infer(MODEL, "", rows, timeout=1.0))
+                    await asyncio.sleep(0.05)
+            answers.append(await router.infer(MODEL, "", rows, timeout=1.0))
+            assert stale_lookups() > stale
+            assert {(a.cache, a.model_version, a.digest) for a in answers} == {
+                ("hit", first.model_version, first.digest)
+            }
+            for answer in answers:
+                np.testing.assert_array_equal(
+                    answer.outputs["probability"], first.outputs["probability"]
+                )
+        finally:
+            replica.signal(signal.SIGCONT)
+            await router.close()
+    finally:
+        if channel is not None:
+            await channel.close()
+        replica.stop()
+
+
+async def test_a_promotion_is_seen_after_the_model_info_ttl(mesh: Mesh) -> None:
+    """A live trainer promotes other weights: once the TTL has passed, a refresh picks them
+    up; the kept (prebuilt) answer and the cached rows of the old weights are not served."""
+    short = mesh.settings.model_copy(update={"model_info_ttl_seconds": 0.2})
+    router = InferenceRouter(short, mesh.trainer_channel, mesh.cache)
+    http = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=build_app(router)), base_url="http://gw"
+    )
+    trainer = trainer_pb2_grpc.TrainerStub(mesh.trainer_channel)
+    serving = await trainer.GetModel(trainer_pb2.GetModelRequest(name=MODEL), timeout=10)
+    rows = fresh_rows(2)
+    body = {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 3], "data": rows.tolist()}]
+    }
+
+    async def post() -> httpx.Response:
+        reply = await http.post(f"/v2/models/{MODEL}/infer", json=body)
+        assert reply.status_code == 200, reply.text
+        return reply
+
+    try:
+        assert (await post()).headers["onehop-cache"] == "miss"
+        assert await router.drain(10)
+        await post()
+        kept = await post()
+        assert (kept.headers["onehop-cache"], kept.headers["onehop-hops"]) == ("hit", "0")
+
+        await _train(mesh.trainer_channel, seed=1)  # registers and promotes new weights
+        promoted = await trainer.GetModel(trainer_pb2.GetModelRequest(name=MODEL), timeout=10)
+        assert promoted.weights_digest != serving.weights_digest
+        async with asyncio.timeout(30):
+            while (reply := await post()).json()["model_version"] == str(serving.version):
+                await asyncio.sleep(0.05)
+        assert reply.json()["model_version"] == str(promoted.version)
+        assert reply.headers["onehop-cache"] == "miss"  # the new weights' keys
+        assert reply.content != kept.content
+    finally:
+        await trainer.PromoteModel(
+            trainer_pb2.PromoteModelRequest(name=MODEL, version=serving.version), timeout=30
+        )
+        await http.aclose()
+        await router.close()

@@ -370,3 +370,110 @@ def _flight_round_trips(pki: Pki, settings: Settings) -> None:
             read(secure.model_copy(update={"tls_cert_file": "", "tls_key_file": ""}))
     finally:
         server.shutdown()
+
+
+# --- the data plane (Arrow Flight) under mTLS and a token -----------------------------------
+
+
+def _flight_ports(mesh: SecureMesh) -> dict[str, str]:
+    return {
+        "gateway": mesh.gateway["flight"],
+        "shard": mesh.settings.shard_address,
+        "cache": mesh.settings.cache_flight_address,
+    }
+
+
+async def test_a_dataset_moves_through_the_mesh_over_mtls_with_the_token(
+    secure_mesh: SecureMesh,
+) -> None:
+    await asyncio.to_thread(_ingest_plan_read, secure_mesh)
+
+
+def _ingest_plan_read(mesh: SecureMesh) -> None:
+    import time
+
+    import pyarrow as pa
+    import pyarrow.flight as flight
+
+    from onehop.channels import flight_location
+    from onehop.dataplane import flight_client, put_dataset
+    from protos.onehop.v1 import data_pb2
+
+    settings = mesh.settings
+    table = pa.table({"id": pa.array(range(600), pa.int64()), "x": [0.5] * 600})
+    gateway = flight_location(mesh.gateway["flight"], settings)
+    assert gateway.startswith("grpc+tls://")
+    with flight_client(gateway, settings) as client:
+        assert put_dataset(client, "secure", table, shards=3).rows == 600
+        descriptor = flight.FlightDescriptor.for_path("secure")
+
+        def read(info: flight.FlightInfo) -> tuple[list[int], list[int], set[str]]:
+            proxied = [client.do_get(e.ticket).read_all() for e in info.endpoints]
+            direct = []
+            for endpoint in info.endpoints:
+                with flight_client(endpoint.locations[0], settings) as inner:
+                    direct.append(inner.do_get(endpoint.ticket).read_all())
+            return (
+                sorted(i for t in proxied for i in t.column("id").to_pylist()),
+                sorted(i for t in direct for i in t.column("id").to_pylist()),
+                {e.locations[0].uri.decode() for e in info.endpoints},
+            )
+
+        proxied, direct, first = read(client.get_flight_info(descriptor))
+        assert proxied == direct == list(range(600))
+        assert first == {flight_location(settings.shard_address, settings)}
+        assert all(uri.startswith("grpc+tls://") for uri in first)
+
+        # The reads wrote the shards through to the cache over mTLS with the token: the plan
+        # turns cache-first (polled, bounded).
+        cache = flight_location(settings.cache_flight_address, settings)
+        deadline = time.monotonic() + 10
+        info = client.get_flight_info(descriptor)
+        while {e.locations[0].uri.decode() for e in info.endpoints} != {cache}:
+            assert time.monotonic() < deadline, "the write-through never reached the cache"
+            time.sleep(0.05)
+            info = client.get_flight_info(descriptor)
+        proxied, direct, first = read(info)
+        assert proxied == direct == list(range(600)) and first == {cache}
+        request = data_pb2.DataRequest(dataset="secure")
+        assert (
+            client.get_flight_info(
+                flight.FlightDescriptor.for_command(request.SerializeToString())
+            ).total_records
+            == 600
+        )
+
+
+async def test_every_flight_port_needs_the_token_and_a_client_certificate(
+    secure_mesh: SecureMesh,
+) -> None:
+    await asyncio.to_thread(_refused_on_every_flight_port, secure_mesh)
+
+
+def _refused_on_every_flight_port(mesh: SecureMesh) -> None:
+    import pyarrow.flight as flight
+
+    from onehop.channels import flight_location
+    from onehop.dataplane import flight_client
+    from onehop.launcher import health_status
+
+    no_token = mesh.settings.model_copy(update={"auth_token": ""})
+    wrong_token = mesh.settings.model_copy(update={"auth_token": "not-it"})
+    no_cert = mesh.settings.model_copy(update={"tls_cert_file": "", "tls_key_file": ""})
+    options = flight.FlightCallOptions(timeout=5)
+    for service, address in _flight_ports(mesh).items():
+        for settings in (no_token, wrong_token):
+            with flight_client(flight_location(address, settings), settings) as client:
+                with pytest.raises(flight.FlightUnauthenticatedError):
+                    client.do_get(flight.Ticket(b"x"), options).read_all()
+                with pytest.raises(flight.FlightUnauthenticatedError):
+                    list(client.list_actions(options))
+        with flight_client(flight_location(address, no_cert), no_cert) as client:
+            with pytest.raises(flight.FlightError) as caught:  # no handshake at all
+                list(client.list_actions(options))
+            assert not isinstance(caught.value, flight.FlightUnauthenticatedError), service
+        # The right token and certificate get an answer.
+        with flight_client(flight_location(address, mesh.settings), mesh.settings) as client:
+            assert list(client.list_actions(options)), service
+    # Probes need no token: the shard service's health answers over mTLS without one.
+    assert health_status(mesh.settings.shard_health_address, 5, no_token) == "SERVING"

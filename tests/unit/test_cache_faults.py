@@ -1,6 +1,7 @@
 """Faults of the LMDB cache core, each asserting what was kept: a full disk during a
 commit, a reader table full of live readers, a reader process killed inside a read
-transaction, and access hints from a zero-hop reader. Real LMDB, real processes."""
+transaction, access hints from a zero-hop reader (absurd ones included), and a writer whose
+callers give up, whose batch hits a bug, or which dies. Real LMDB, real processes."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import lmdb
 import pytest
 
-from cache_service.store import CacheReader, CacheStore
-from onehop.errors import ResourceExhausted
+from cache_service.store import MAX_HINT_COUNT, CacheReader, CacheStore
+from onehop.errors import Internal, ResourceExhausted, Unavailable
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -235,3 +238,98 @@ def test_readers_full_in_process_is_resource_exhausted(tmp_path: Path) -> None:
                 txn.abort()
             held.clear()  # py-lmdb frees a slot with the transaction object
         assert store.get(b"pred/m/a") == b"a"
+
+
+class GatedClock:
+    """A clock the writer calls at the start of each commit: `hold()` makes the next call
+    wait (the writer stuck mid-batch, as in a frozen process) until `release()`; `fail`
+    makes the next call raise it."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail: BaseException | None = None
+
+    def hold(self) -> None:
+        self.entered.clear()
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def __call__(self) -> float:
+        self.entered.set()
+        self.gate.wait(30)
+        error, self.fail = self.fail, None
+        if error is not None:
+            raise error
+        return time.time()
+
+
+def test_puts_cancelled_while_queued_are_dropped_and_the_writer_goes_on(tmp_path: Path) -> None:
+    """A Put whose caller gave up (the servicer cancels its future at the deadline) used to
+    kill the writer with InvalidStateError; every later write then hung."""
+    clock = GatedClock()
+    with CacheStore(tmp_path / "cache", 1 << 20, clock=clock) as store:
+        clock.hold()
+        first = store.submit_put_many([(b"pred/m/first", b"1")])
+        assert clock.entered.wait(10)  # the writer is inside first's commit
+        given_up = store.submit_put_many([(b"pred/m/given-up", b"2")])
+        waited = store.submit_put_many([(b"pred/m/waited", b"3")])
+        assert given_up.cancel()
+        assert not first.cancel()  # already being written: too late to cancel
+        clock.release()
+        assert first.result(10) == 1 and waited.result(10) == 1
+        store.put(b"pred/m/after", b"4")
+        assert store.get_many([b"pred/m/first", b"pred/m/given-up", b"pred/m/after"]) == [
+            b"1",
+            None,
+            b"4",
+        ]
+
+
+def test_an_unexpected_error_fails_its_batch_and_the_writer_goes_on(tmp_path: Path) -> None:
+    clock = GatedClock()
+    with CacheStore(tmp_path / "cache", 1 << 20, clock=clock) as store:
+        clock.fail = RuntimeError("a bug in the commit path")
+        with pytest.raises(Internal, match="correlation id"):
+            store.put(b"pred/m/failed", b"1")
+        store.put(b"pred/m/next", b"2")
+        assert store.get_many([b"pred/m/failed", b"pred/m/next"]) == [None, b"2"]
+
+
+class _WriterKilled(BaseException):
+    """Escapes every `except Exception`: stands for a bug that ends the writer thread."""
+
+
+def test_a_dead_writer_fails_writes_fast_and_says_so(tmp_path: Path) -> None:
+    clock = GatedClock()
+    died = threading.Event()
+    with CacheStore(tmp_path / "cache", 1 << 20, clock=clock, on_writer_death=died.set) as store:
+        store.put(b"pred/m/kept", b"1")
+        clock.hold()
+        clock.fail = _WriterKilled()
+        in_flight = store.submit_put_many([(b"pred/m/in-flight", b"2")])
+        assert clock.entered.wait(10)
+        queued = store.submit_put_many([(b"pred/m/queued", b"3")])
+        clock.release()
+        assert died.wait(10)
+        for future in (in_flight, queued):
+            with pytest.raises(Unavailable, match="writer has stopped"):
+                future.result(10)
+        with pytest.raises(Unavailable, match="writer has stopped"):
+            store.put(b"pred/m/later", b"4")
+        assert store.get(b"pred/m/kept") == b"1"  # reads still served
+
+
+def test_absurd_hint_counts_are_skipped_and_leave_the_stats_alone(tmp_path: Path) -> None:
+    with CacheStore(tmp_path / "cache", 1 << 20) as store:
+        store.note_remote_reads([], {"pred": 3}, 1)
+        for _ in range(2):  # twice: the sums used to pass 2**64
+            store.note_remote_reads([], {"pred": 2**64 - 1, "shard": MAX_HINT_COUNT + 1}, 2**64 - 1)
+        store.note_remote_reads([], {"pred": MAX_HINT_COUNT}, MAX_HINT_COUNT)
+        stats = store.stats()
+    assert stats.namespaces["pred"].misses == 3 + MAX_HINT_COUNT
+    assert "shard" not in stats.namespaces
+    assert stats.hints_dropped == 1 + MAX_HINT_COUNT

@@ -5,16 +5,17 @@ and the checks it makes before anything reaches the trainer."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from cache_service.client import CacheClient
 from gateway.router import InferenceRouter
 from onehop.channels import aio_channel
-from onehop.errors import InvalidArgument, NotFound, Unavailable
+from onehop.errors import InvalidArgument, NotFound, OnehopError, Unavailable
 from onehop.keys import prediction_keys
 from onehop.server import GrpcServer
 from onehop.settings import Settings
@@ -47,9 +48,15 @@ class FakeTrainer(
     infer_calls: list[np.ndarray] = field(default_factory=list)
     get_model_calls: int = 0
     gate: asyncio.Event | None = None
+    get_model_gate: asyncio.Event | None = None  # GetModel waits for it (a frozen trainer)
+    get_model_error: OnehopError | None = None
 
     async def GetModel(self, request, context):  # noqa: N802
         self.get_model_calls += 1
+        if self.get_model_gate is not None:
+            await self.get_model_gate.wait()
+        if self.get_model_error is not None:
+            raise self.get_model_error
         if request.name != MODEL:
             raise NotFound(f"no model {request.name!r}")
         return trainer_pb2.ModelInfo(
@@ -135,7 +142,7 @@ async def mesh(settings: Settings) -> AsyncIterator[Mesh]:
     await cache_server.start()
     tuned = settings.model_copy(update={"model_info_ttl_seconds": 60.0})
     yield Mesh(trainer, cache, trainer_server.address, cache_server.address, tuned)
-    for event in (cache.stall, cache.put_gate, trainer.gate):
+    for event in (cache.stall, cache.put_gate, trainer.gate, trainer.get_model_gate):
         if event is not None:
             event.set()
     await trainer_server.server.stop(0)
@@ -352,3 +359,80 @@ async def test_metadata_and_readiness_are_forwarded(router: InferenceRouter) -> 
     assert metadata.inputs[0].shape == (-1, N_FEATURES)
     assert await router.model_ready(MODEL, "2") is True
     assert await router.server_ready() is True
+
+
+# --- expired model info (stale-while-revalidate) ---------------------------------------------
+
+
+def stale_lookups() -> float:
+    return REGISTRY.get_sample_value("onehop_gateway_stale_model_info_total") or 0.0
+
+
+def refreshes(result: str) -> float:
+    sample = "onehop_gateway_model_info_refreshes_total"
+    return REGISTRY.get_sample_value(sample, {"result": result}) or 0.0
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.01)
+    assert condition(), what
+
+
+async def test_expired_model_info_is_served_while_one_refresh_runs(mesh: Mesh) -> None:
+    """Past the TTL requests keep the info they had while ONE refresh asks the trainer; the
+    weights it names then key the rows (an old cached row is never served for them)."""
+    async with _router(mesh, model_info_ttl_seconds=0.0) as router:
+        first = await router.infer(MODEL, "", ROWS)  # nothing known: waits for the trainer
+        assert (first.cache, first.digest) == ("miss", DIGEST)
+        await router.drain()
+        calls = mesh.trainer.get_model_calls
+        mesh.trainer.get_model_gate = asyncio.Event()  # the trainer stops answering...
+        mesh.trainer.digest = "e" * 64  # ...and names new weights once it answers again
+        before = stale_lookups()
+        results = await asyncio.gather(*(router.infer(MODEL, "", ROWS) for _ in range(8)))
+        assert {(r.cache, r.digest, r.model_version) for r in results} == {("hit", DIGEST, "2")}
+        assert_outputs(results[0].outputs, ROWS)
+        assert stale_lookups() - before == 8
+        await until(lambda: mesh.trainer.get_model_calls > calls, "the refresh reached it")
+        assert mesh.trainer.get_model_calls == calls + 1  # one refresh for all of them
+
+        mesh.trainer.get_model_gate.set()
+        await until(lambda: router.resolved(MODEL, "") == ("2", "e" * 64), "the refresh")
+        again = await router.infer(MODEL, "", ROWS)
+        assert (again.cache, again.digest) == ("miss", "e" * 64)
+
+
+async def test_a_failed_refresh_keeps_the_stale_info_for_the_grace(mesh: Mesh) -> None:
+    async with _router(mesh, model_info_ttl_seconds=0.0) as router:
+        await router.infer(MODEL, "", ROWS)
+        await router.drain()
+        mesh.trainer.get_model_error = Unavailable("the trainer is restarting")
+        failed = refreshes("failed")
+        await until(
+            lambda: router.resolved(MODEL, "") is not None and refreshes("failed") > failed,
+            "a failed refresh",
+        )
+        result = await router.infer(MODEL, "", ROWS)
+        assert (result.cache, result.digest) == ("hit", DIGEST)
+        assert_outputs(result.outputs, ROWS)
+
+
+async def test_past_the_grace_requests_wait_for_the_trainer(mesh: Mesh) -> None:
+    async with _router(mesh, model_info_ttl_seconds=0.0, model_info_stale_seconds=0.0) as router:
+        await router.infer(MODEL, "", ROWS)
+        await router.drain()
+        mesh.trainer.get_model_error = Unavailable("the trainer is restarting")
+        assert router.resolved(MODEL, "") is None
+        with pytest.raises(Unavailable):
+            await router.infer(MODEL, "", ROWS)
+
+
+async def test_a_refresh_that_finds_the_model_gone_drops_its_info(mesh: Mesh) -> None:
+    async with _router(mesh, model_info_ttl_seconds=0.0) as router:
+        await router.infer(MODEL, "", ROWS)
+        mesh.trainer.get_model_error = NotFound(f"no model {MODEL!r}")
+        await until(lambda: router.resolved(MODEL, "") is None, "the info dropped")
+        with pytest.raises(NotFound):
+            await router.infer(MODEL, "", ROWS)

@@ -370,7 +370,7 @@ def _worker(argv: list[str]) -> int:
     ctx = BenchContext(args.workdir, args.quick, args.target, private_network=isolated)
     figures = module.run(ctx)
     args.result.write_text(
-        json.dumps(_finite({"figures": [f.to_json() for f in figures], "samples": ctx.samples}))
+        json.dumps(_finite({"figures": [f.to_json() for f in figures], "samples": ctx.thinned()}))
     )
     return 0
 

@@ -85,6 +85,15 @@ class BenchContext:
         """Keep raw samples (latencies, hit rate over time) for the plots."""
         self.samples.setdefault(series, []).extend(values)
 
+    def thinned(self, most: int = 2000) -> dict[str, list[float]]:
+        """Every series cut to at most `most` samples by an even stride, so its order (a
+        curve over time) and its distribution survive; the report stays a few MiB where a
+        benchmark recorded millions of lookups."""
+        return {
+            name: values[:: -(-len(values) // most)] if len(values) > most else values
+            for name, values in self.samples.items()
+        }
+
 
 # Linux: unshare(2) flag, and the ioctls that read and set an interface's flags.
 _CLONE_NEWNET = 0x40000000

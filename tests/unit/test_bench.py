@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from onehop import bench
-from onehop.benchmark import Figure, format_table
+from onehop.benchmark import BenchContext, Figure, format_table
 from onehop.launcher import SERVICES, Mesh, health_status
 from onehop.settings import Settings
 
@@ -147,3 +147,15 @@ def test_a_restarted_service_keeps_its_ports_and_gets_extra_env_for_that_start_o
     finally:
         mesh.stop()
     assert mesh.children["cache"].process.poll() is not None
+
+
+def test_samples_are_thinned_evenly_for_the_report(tmp_path: Path) -> None:
+    ctx = BenchContext(tmp_path)
+    ctx.record("lookups", [float(i) for i in range(12_345)])
+    ctx.record("few", [1.0, 2.0])
+    thinned = ctx.thinned(most=5000)
+    assert len(thinned["lookups"]) <= 5000
+    # An even stride keeps the order and both ends of the range.
+    assert thinned["lookups"] == sorted(thinned["lookups"])
+    assert thinned["lookups"][0] == 0.0 and thinned["lookups"][-1] > 12_000
+    assert thinned["few"] == [1.0, 2.0]

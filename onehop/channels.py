@@ -176,8 +176,8 @@ def flight_location(address: str, settings: Settings | None = None) -> str:
 
 
 def flight_client_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for `pyarrow.flight.connect`: CA, client certificate, and the
-    bearer token as a call header (pass `flight_call_options(settings)` on each call)."""
+    """Keyword arguments for `pyarrow.flight.connect`: the CA and the client certificate
+    (`onehop.dataplane.flight_client` adds the bearer token to every call)."""
     options: dict[str, Any] = {}
     if settings.tls_ca_file:
         options["tls_root_certs"] = _read(settings.tls_ca_file)
@@ -185,11 +185,6 @@ def flight_client_options(settings: Settings) -> dict[str, Any]:
         options["cert_chain"] = _read(settings.tls_cert_file)
         options["private_key"] = _read(settings.tls_key_file)
     return options
-
-
-def flight_call_headers(settings: Settings) -> list[tuple[bytes, bytes]]:
-    """Headers for `pyarrow.flight.FlightCallOptions(headers=...)`: the bearer token."""
-    return [(key.encode(), value.encode()) for key, value in auth_metadata(settings)]
 
 
 # --- several replicas of one service ------------------------------------------------------

@@ -320,8 +320,8 @@ async def test_the_cli_client_speaks_tls_and_sends_the_token(secure_mesh: Secure
 
 
 async def test_flight_helpers_give_tls_mtls_and_the_token(pki: Pki, settings: Settings) -> None:
-    """The Flight side of the shared runtime (what the Flight servers and DataClient use
-    once wired): a server built with `flight_server_options` over mTLS with a token."""
+    """The Flight side of the shared runtime: a server built with `flight_server_options`
+    over mTLS with a token, read by `flight_client` (what every Flight client uses)."""
     await asyncio.to_thread(_flight_round_trips, pki, settings)
 
 
@@ -329,7 +329,8 @@ def _flight_round_trips(pki: Pki, settings: Settings) -> None:
     import pyarrow as pa
     import pyarrow.flight as flight
 
-    from onehop.channels import flight_call_headers, flight_client_options, flight_location
+    from onehop.channels import flight_location
+    from onehop.dataplane import flight_client
     from onehop.server import flight_server_options
 
     secure = settings.model_copy(
@@ -352,13 +353,9 @@ def _flight_round_trips(pki: Pki, settings: Settings) -> None:
     try:
 
         def read(client_settings: Settings) -> pa.Table:
-            client = flight.connect(
-                flight_location(address, client_settings), **flight_client_options(client_settings)
-            )
+            client = flight_client(flight_location(address, client_settings), client_settings)
             try:
-                options = flight.FlightCallOptions(
-                    headers=flight_call_headers(client_settings), timeout=5
-                )
+                options = flight.FlightCallOptions(timeout=5)
                 return client.do_get(flight.Ticket(b"t"), options).read_all()
             finally:
                 client.close()

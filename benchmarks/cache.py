@@ -44,7 +44,7 @@ import pyarrow.flight as flight
 from cache_service.client import flight_batch_get, unpack_batch
 from cache_service.policy import SegmentedLru
 from cache_service.store import CacheReader, CacheStore
-from onehop.benchmark import LATENCY_MS, BenchContext, Figure, run_standalone, series
+from onehop.benchmark import HIT_RATE, LATENCY_MS, BenchContext, Figure, run_standalone, series
 from onehop.channels import aio_channel, flight_location, sync_channel
 from onehop.launcher import SERVICES, Mesh
 from onehop.settings import Settings
@@ -543,7 +543,7 @@ def _hit_ratios(ctx: BenchContext) -> list[Figure]:
         ratios[name] = sum(hits) / len(hits)
         window = max(1, len(hits) // 200)
         ctx.record(
-            f"hit_rate/{name}",
+            series(HIT_RATE, name),
             [sum(hits[i : i + window]) / window for i in range(0, len(hits), window)],
         )
     conditions = {

@@ -378,7 +378,6 @@ class StoreStats:
 class _Entry:
     size: int
     expiry: int
-    namespace: str
 
 
 # --- the writer's work items -------------------------------------------------------------
@@ -796,7 +795,7 @@ class CacheStore:
         with self._env.begin(buffers=True) as txn, txn.cursor() as cursor:
             for raw_key, raw in cursor:
                 key = bytes(raw_key)
-                self._set_entry(key, _Entry(len(key) + len(raw), peek_expiry(raw), ""))
+                self._set_entry(key, _Entry(len(key) + len(raw), peek_expiry(raw)))
         if self._entries:
             log.info("cache opened warm: %d entries, %d bytes", len(self._entries), self.used_bytes)
 
@@ -805,7 +804,7 @@ class CacheStore:
         old = self._entries.pop(key, None)
         self._verified.pop(key, None)
         if old is not None:
-            counters = self._ns(old.namespace)
+            counters = self._counters_of(key)
             counters.entries -= 1
             counters.bytes -= old.size
             counters.evictions += evicted
@@ -813,8 +812,7 @@ class CacheStore:
         if entry is None:
             self._policy.remove(key)
             return
-        entry.namespace = namespace_of(key)
-        counters = self._ns(entry.namespace)
+        counters = self._counters_of(key)
         counters.entries += 1
         counters.bytes += entry.size
         self.used_bytes += entry.size
@@ -894,12 +892,9 @@ class CacheStore:
             try:
                 self._apply_batch(batch)
             except Exception as exc:  # a bug, not a failed commit: fail this batch, go on
-                error = Internal.wrap(exc)
-                for op in batch:
-                    _settle(op, error=error)
+                self._finish(batch, error=Internal.wrap(exc))
             except BaseException:
-                for op in batch:
-                    _settle(op, error=Unavailable(_WRITER_DEAD))
+                self._finish(batch, error=Unavailable(_WRITER_DEAD))
                 raise
 
     def _apply_batch(self, batch: list[_Op]) -> None:
@@ -977,7 +972,7 @@ class CacheStore:
                 if op.kind == _PUT:
                     for key, stored, expiry in op.items:
                         txn.put(key, stored)
-                        pending[key] = _Entry(len(key) + len(stored), expiry, "")
+                        pending[key] = _Entry(len(key) + len(stored), expiry)
                         count += 1
                 elif op.kind == _DELETE:
                     for key in op.items:

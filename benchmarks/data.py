@@ -302,7 +302,7 @@ def run(ctx: BenchContext) -> list[Figure]:
             reader = StockClient()
             try:
                 figures += _reads(ctx, reader, client, gateway, cache, table, passes)
-                figures += _epoch(ctx, settings, reader, client, gateway, cache, table, passes)
+                figures += _epoch(ctx, reader, client, gateway, cache, table, passes)
             finally:
                 reader.close()
     finally:
@@ -424,7 +424,6 @@ def _reads(
 
 def _epoch(
     ctx: BenchContext,
-    settings: Settings,
     reader: StockClient,
     client: flight.FlightClient,
     gateway: str,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 INGEST_ABORT = b"onehop:abort-ingest"
 
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 # Record batches of a table sent by `put_dataset`.
 PUT_BATCH_BYTES = 4 << 20
 
@@ -408,27 +409,22 @@ class DataClient:
         that is down) moves on to the next; when all fail, the last one's domain error is
         raised (the shard service's, which is listed last).
         """
-        locations = list(endpoint.locations) or [self._shard_location()]
-        error: OnehopError | None = None
-        for location in locations:
-            try:
-                return self._client(location).do_get(endpoint.ticket).read_all()
-            except (flight.FlightError, pa.ArrowException) as exc:
-                error = from_flight_error(exc)
-                log.debug("read at %s failed: %s", location, error.message)
-        assert error is not None
-        raise error
+        return self._redeem(endpoint, flight.FlightStreamReader.read_all)
 
     def open(self, endpoint: flight.FlightEndpoint) -> flight.FlightStreamReader:
         """A stream of the endpoint's rows from the first location that starts one (its
         schema arrived): the same fallback as `read`, without holding the rows."""
+        return self._redeem(endpoint, _started)
+
+    def _redeem(
+        self, endpoint: flight.FlightEndpoint, use: Callable[[flight.FlightStreamReader], T]
+    ) -> T:
+        """`use` of the endpoint's stream at its first location where it succeeds."""
         locations = list(endpoint.locations) or [self._shard_location()]
         error: OnehopError | None = None
         for location in locations:
             try:
-                stream = self._client(location).do_get(endpoint.ticket)
-                stream.schema  # noqa: B018 - waits for the first message: errors surface here
-                return stream
+                return use(self._client(location).do_get(endpoint.ticket))
             except (flight.FlightError, pa.ArrowException) as exc:
                 error = from_flight_error(exc)
                 log.debug("read at %s failed: %s", location, error.message)
@@ -551,6 +547,11 @@ def put_file(
     with source:
         reader = open_batches(source, format, shown)
         return put_dataset(client, request.dataset, reader, options=request)
+
+
+def _started(stream: flight.FlightStreamReader) -> flight.FlightStreamReader:
+    stream.schema  # noqa: B018 - waits for the first message: errors surface here
+    return stream
 
 
 def _abandon(writer: flight.FlightStreamWriter) -> None:

@@ -210,7 +210,10 @@ class Catalog:
 
     def read_prepared(self, name: str, version: int, shard: int, prep: Prep) -> pa.Table:
         """One shard, filtered, projected and preprocessed, in stored order."""
-        info = self.describe(name, version)
+        return self.read_shard(self.describe(name, version), shard, prep)
+
+    def read_shard(self, info: DatasetInfo, shard: int, prep: Prep) -> pa.Table:
+        """`read_prepared` of a version already described."""
         wanted = output_columns(info, prep)
         needed = wanted + [c for c in prep.filter_columns if c not in wanted]
         path = self.shard_path(info, shard)

@@ -279,9 +279,7 @@ class ShardFlightServer(flight.FlightServerBase):
             shard = shard_ticket(ticket.ticket)
             info = self.catalog.describe(shard.dataset, shard.version)
             shard.version = info.version
-            table = self.catalog.read_prepared(
-                shard.dataset, shard.version, shard.shard, prep_of(shard, info)
-            )
+            table = self.catalog.read_shard(info, shard.shard, prep_of(shard, info))
             arranged = arrange(table, shard)
             # A reader over the generator, not GeneratorStream: only the former sends the
             # dictionaries of categorical columns.
@@ -361,8 +359,8 @@ class ShardFlightServer(flight.FlightServerBase):
         self, context: flight.ServerCallContext, action: flight.Action
     ) -> Iterator[flight.Result]:
         with flight_errors():
+            body = action.body.to_pybytes() if action.body is not None else b""
             if action.type == "describe":
-                body = action.body.to_pybytes() if action.body is not None else b""
                 request = parse_message(data_pb2.DataRequest, body, "the describe body")
                 info = self.catalog.describe(request.dataset, request.version)
                 result = info_to_pb(info).SerializeToString()
@@ -372,7 +370,6 @@ class ShardFlightServer(flight.FlightServerBase):
                 )
                 result = response.SerializeToString()
             elif action.type == "ingest":
-                body = action.body.to_pybytes() if action.body is not None else b""
                 result = self._ingest_source(body)
             else:
                 raise InvalidArgument(

@@ -123,9 +123,12 @@ def key_hash(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     if pa.types.is_dictionary(type_):
         column = column.dictionary_decode()
         type_ = column.type
-    if pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_binary(type_):
-        hashed = _bytes_hash(column)
-    elif pa.types.is_large_binary(type_):
+    if (
+        pa.types.is_string(type_)
+        or pa.types.is_large_string(type_)
+        or pa.types.is_binary(type_)
+        or pa.types.is_large_binary(type_)
+    ):
         hashed = _bytes_hash(column)
     elif pa.types.is_floating(type_):
         # +0.0 folds -0.0 into 0.0 so equal keys hash alike.

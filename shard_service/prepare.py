@@ -112,9 +112,9 @@ def prepared_schema(info: DatasetInfo, prep: Prep) -> pa.Schema:
 def prepare(table: pa.Table, info: DatasetInfo, prep: Prep) -> pa.Table:
     """A shard as stored (logical types, at least the projection and filter columns) → the
     rows and columns of `prepared_schema(info, prep)`."""
-    schema = prepared_schema(info, prep)
     if prep.identity:
         return table
+    schema = prepared_schema(info, prep)
     if prep.filter is not None:
         table = table.filter(prep.filter)
     keep = set(prep.passthrough)

@@ -37,6 +37,7 @@ import grpc
 import numpy as np
 import pyarrow as pa
 
+from gateway import tensors
 from onehop.benchmark import (
     CONCURRENCY,
     LATENCY_MS,
@@ -270,12 +271,9 @@ def _bare_servers(workdir: Path) -> Iterator[Callable[[list[bytes]], tuple[str, 
 # --- requests -----------------------------------------------------------------------------
 
 
-def grpc_request(rows: np.ndarray, model: str = MODEL) -> pb.ModelInferRequest:
+def grpc_request(rows: np.ndarray) -> pb.ModelInferRequest:
     """As tritonclient.grpc sends it: raw_input_contents."""
-    request = pb.ModelInferRequest(model_name=model)
-    request.inputs.add(name="input", datatype="FP32", shape=list(rows.shape))
-    request.raw_input_contents.append(np.ascontiguousarray(rows, dtype="<f4").tobytes())
-    return request
+    return tensors.grpc_infer_request(MODEL, "", rows)
 
 
 def json_body(rows: np.ndarray) -> bytes:

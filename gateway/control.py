@@ -49,8 +49,6 @@ class ServiceHealth:
     address: str
     # grpc.health.v1 status name: SERVING, NOT_SERVING, UNKNOWN, or UNREACHABLE.
     health: str
-    # "grpc" (grpc.health.v1 answers there) or "flight" (an Arrow Flight port).
-    protocol: str = "grpc"
 
 
 class GatewayControl:
@@ -160,8 +158,8 @@ class GatewayControl:
                 probes.append(asyncio.to_thread(_flight_health, address, self.settings))
         healths = await asyncio.gather(*probes)
         return [
-            ServiceHealth(name, address, health, protocol)
-            for (name, address, protocol), health in zip(services, healths, strict=True)
+            ServiceHealth(name, address, health)
+            for (name, address, _), health in zip(services, healths, strict=True)
         ]
 
     async def _grpc_health(self, address: str) -> str:

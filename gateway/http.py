@@ -319,10 +319,10 @@ def describe_validation(errors: Sequence[Any]) -> str:
 # --- metrics ------------------------------------------------------------------------------
 
 
-# Paths a probe or a browser may reach without the bearer token.
 # Bodies streamed through without being held (dataset uploads go to the shard service batch
 # by batch): exempt from the body-size limit, which guards bodies read whole.
 STREAMED_PATHS = frozenset({"/v1/datasets"})
+# Paths a probe or a browser may reach without the bearer token.
 OPEN_PATHS = frozenset(
     {"/v2/health/live", "/v2/health/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
 )

@@ -370,9 +370,7 @@ class InferenceRouter:
         cached = self._cached(model, version)
         if cached is not None:
             return cached, 0
-        return await self._flights.do(
-            ("resolve", model, version), lambda: self._fetch(model, version, deadline), deadline
-        )
+        return await self._fetch_shared(model, version, deadline)
 
     def _cached(self, model: str, version: int) -> _Model | None:
         """What is known of `model` at `version` without waiting (stale-while-revalidate):
@@ -405,11 +403,7 @@ class InferenceRouter:
         that the model or version is gone."""
         deadline = time.monotonic() + _REFRESH_TIMEOUT_S
         try:
-            await self._flights.do(
-                ("resolve", model, version),
-                lambda: self._fetch(model, version, deadline),
-                deadline,
-            )
+            await self._fetch_shared(model, version, deadline)
         except NotFound:
             REFRESHES.labels("failed").inc()
             self._models.pop((model, version), None)
@@ -430,6 +424,12 @@ class InferenceRouter:
             await asyncio.sleep(_REFRESH_RETRY_S)  # holds this refresh's place meanwhile
         else:
             REFRESHES.labels("refreshed").inc()
+
+    async def _fetch_shared(self, model: str, version: int, deadline: float) -> tuple[_Model, int]:
+        """`_fetch`, one call shared by every request and refresh that asks meanwhile."""
+        return await self._flights.do(
+            ("resolve", model, version), lambda: self._fetch(model, version, deadline), deadline
+        )
 
     async def _fetch(self, model: str, version: int, deadline: float) -> tuple[_Model, int]:
         info = await self._call(
@@ -460,6 +460,10 @@ class InferenceRouter:
         # What "serving" resolved to is also what that version number pins.
         self._models[(model, info.version)] = (now, resolved)
         return resolved, hops
+
+    def _forget_model(self, model: str) -> None:
+        """Drop what is known of every version of `model`: resolve afresh next time."""
+        self._models = {k: v for k, v in self._models.items() if k[0] != model}
 
     async def _lookup(
         self, keys: list[bytes], deadline: float
@@ -577,7 +581,7 @@ class InferenceRouter:
             )
         except NotFound:
             # The resolved version may be gone (deleted, re-registered): resolve afresh next time.
-            self._models = {k: v for k, v in self._models.items() if k[0] != model.name}
+            self._forget_model(model.name)
             raise
         try:
             outputs = tensors.grpc_outputs(response, len(rows))
@@ -608,7 +612,7 @@ class InferenceRouter:
         if digest != model.digest:
             # The trainer served other weights than we resolved: key by what computed the rows.
             keys = prediction_keys(model.name, digest, rows)
-            self._models = {k: v for k, v in self._models.items() if k[0] != model.name}
+            self._forget_model(model.name)
         if len(self._queued) + self._writing >= self.settings.max_pending_writebacks:
             self.writebacks_dropped += 1
             WRITEBACKS.labels("dropped").inc()

@@ -13,12 +13,11 @@ import grpc
 import httpx
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.flight as flight
-import pyarrow.parquet as pq
 
 from onehop.channels import auth_metadata, flight_location, sync_channel, tls_enabled
 from onehop.dataplane import flight_client, put_dataset
+from onehop.dataset import file_format, open_batches
 from onehop.errors import (
     InvalidArgument,
     NotFound,
@@ -55,27 +54,11 @@ def gateway_endpoints(settings: Settings) -> dict[str, str]:
 
 
 def read_batches(path: Path) -> pa.RecordBatchReader:
-    """A streaming reader over a CSV, Parquet or Arrow IPC file (never loaded whole)."""
+    """A streaming reader over a CSV, Parquet or Arrow IPC file (never loaded whole), its
+    format told by the extension; errors name the file and the row or column at fault."""
     if not path.is_file():
         raise NotFound(f"no such file: {path}")
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".csv", ".txt"):
-            return pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22))
-        if suffix in (".parquet", ".pq"):
-            parquet = pq.ParquetFile(path)
-            return pa.RecordBatchReader.from_batches(
-                parquet.schema_arrow, parquet.iter_batches(batch_size=65_536)
-            )
-        if suffix in (".arrow", ".ipc", ".feather"):
-            source = pa.memory_map(str(path))
-            try:
-                return pa.ipc.open_file(source).to_reader()  # type: ignore[attr-defined]
-            except pa.ArrowInvalid:
-                return pa.ipc.open_stream(pa.memory_map(str(path)))
-    except pa.ArrowInvalid as exc:
-        raise InvalidArgument(f"cannot read {path}: {exc}") from None
-    raise InvalidArgument(f"unsupported file type {suffix!r}: use .csv, .parquet or .arrow")
+    return open_batches(pa.memory_map(str(path)), file_format(path.name), str(path))
 
 
 class GatewayClient:
@@ -140,10 +123,6 @@ class GatewayClient:
             yield from self._stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job_id))
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
-
-    def cluster(self) -> list[gateway_pb2.ServiceStatus]:
-        reply = self._call(self._stub.GetClusterStatus, gateway_pb2.GetClusterStatusRequest())
-        return list(reply.services)
 
     # --- inference (HTTP bridge, OIP v2 JSON) ---------------------------------------------
 

@@ -35,15 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow as pa
     import torch
 
-    from trainer_service.model import (
-        ModelSpec,
-        Preprocessing,
-        build_mlp,
-        describe_device,
-        select_device,
-    )
+    from trainer_service.model import ModelSpec, Preprocessing, describe_device, select_device
     from trainer_service.sources import TableData
-    from trainer_service.training import Hyperparameters, build_model, train, train_rows
+    from trainer_service.training import Hyperparameters, build_model, train
 
     device = select_device()
     cuda = device.type == "cuda"
@@ -72,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             model = build_model(ModelSpec.resolve(), pre, 0)
             ours = train(model, shards, "label", hp, device=device)
             tables = [s.read() for s in shards]
-        baseline = plain_loop(tables, names, hp, device, train_rows, build_mlp, ModelSpec)
+        baseline = plain_loop(tables, names, hp, device)
         losses = [h["loss"] for h in ours.history]
         print(
             f"batch {batch:>5}: trainer loop {ours.samples_per_second:>12,.0f} samples/s  "
@@ -90,11 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def plain_loop(tables, names, hp, device, train_rows, build_mlp, spec_type) -> float:  # type: ignore[no-untyped-def]
+def plain_loop(tables, names, hp, device) -> float:  # type: ignore[no-untyped-def]
     """Tensors already on the device (the same standardised training rows), one shuffle per
     epoch, batches sliced, Adam, bf16 autocast on CUDA: samples/s."""
     import numpy as np
     import torch
+
+    from trainer_service.model import ModelSpec, build_mlp
+    from trainer_service.training import train_rows
 
     cuts = [train_rows(t.num_rows, hp.val_split) for t in tables]
     x = np.concatenate(
@@ -108,7 +105,7 @@ def plain_loop(tables, names, hp, device, train_rows, build_mlp, spec_type) -> f
     )
     xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
     torch.manual_seed(0)
-    net = build_mlp(len(names), spec_type.resolve()).to(device)
+    net = build_mlp(len(names), ModelSpec.resolve()).to(device)
     optimiser = torch.optim.Adam(net.parameters(), lr=hp.lr)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     cuda = device.type == "cuda"

@@ -70,30 +70,35 @@ def run_job(data: DataAccess, plan: JobPlan, **kwargs: Any) -> tuple[TrainResult
         return train(model, shards, plan.request.target, plan.hp, **kwargs), model
 
 
+def split_rows(
+    data: DataAccess, plan: JobPlan
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The plan's standardised rows as (x_train, y_train, x_val, y_val), each shard split
+    as the loop splits it."""
+    with data.open(plan.dataset, plan.columns, plan.request.target) as shards:
+        tables = [s.read() for s in shards]
+    features = list(plan.preprocessing.features)
+    parts: dict[str, list[np.ndarray]] = {"xt": [], "yt": [], "xv": [], "yv": []}
+    for t in tables:
+        c = train_rows(t.num_rows, plan.hp.val_split)
+        x = np.column_stack([t.column(f).to_numpy() for f in features])
+        y = t.column(plan.request.target).to_numpy()
+        parts["xt"].append(x[:c])
+        parts["yt"].append(y[:c])
+        parts["xv"].append(x[c:])
+        parts["yv"].append(y[c:])
+    xt, yt, xv, yv = (np.concatenate(parts[k]) for k in ("xt", "yt", "xv", "yv"))
+    return xt, yt, xv, yv
+
+
 def in_memory(plan: JobPlan, shards_data: TableData) -> float:
     """Plain torch on in-memory tensors, written for speed: the same standardised rows,
     split and model, the rows shuffled once per epoch (one gather) and sliced into batches,
     Adam, and the same validation metrics once per epoch. Returns training samples/s."""
-    with shards_data.open(plan.dataset, plan.columns, plan.request.target) as shards:
-        tables = [s.read() for s in shards]
-    cut = [train_rows(t.num_rows, plan.hp.val_split) for t in tables]
-    features = list(plan.preprocessing.features)
-
-    def matrix(t: pa.Table) -> np.ndarray:
-        return np.column_stack([t.column(f).to_numpy() for f in features])
-
-    x = torch.from_numpy(np.concatenate([matrix(t)[:c] for t, c in zip(tables, cut, strict=True)]))
-    y = torch.from_numpy(
-        np.concatenate([t.column("label").to_numpy()[:c] for t, c in zip(tables, cut, strict=True)])
-    ).float()
-    x_val = torch.from_numpy(
-        np.concatenate([matrix(t)[c:] for t, c in zip(tables, cut, strict=True)])
-    )
-    y_val = np.concatenate(
-        [t.column("label").to_numpy()[c:] for t, c in zip(tables, cut, strict=True)]
-    )
+    xt, yt, xv, y_val = split_rows(shards_data, plan)
+    x, y, x_val = torch.from_numpy(xt), torch.from_numpy(yt).float(), torch.from_numpy(xv)
     torch.manual_seed(0)
-    net = build_mlp(len(features), ModelSpec.resolve())
+    net = build_mlp(len(plan.preprocessing.features), ModelSpec.resolve())
     optimiser = torch.optim.Adam(net.parameters(), lr=plan.hp.lr)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     batch = plan.hp.batch_size
@@ -232,19 +237,7 @@ def quality(ctx: BenchContext, rows: int, epochs: int) -> Figure:
         data,
     )
     result, _ = run_job(data, plan)
-    with data.open(plan.dataset, plan.columns, TARGET) as shards:
-        tables = [s.read() for s in shards]
-    features = list(plan.preprocessing.features)
-    parts: dict[str, list[np.ndarray]] = {"xt": [], "yt": [], "xv": [], "yv": []}
-    for t in tables:
-        c = train_rows(t.num_rows, plan.hp.val_split)
-        x = np.column_stack([t.column(f).to_numpy() for f in features])
-        y = t.column(TARGET).to_numpy()
-        parts["xt"].append(x[:c])
-        parts["yt"].append(y[:c])
-        parts["xv"].append(x[c:])
-        parts["yv"].append(y[c:])
-    xt, yt, xv, yv = (np.concatenate(parts[k]) for k in ("xt", "yt", "xv", "yv"))
+    xt, yt, xv, yv = split_rows(data, plan)
     logistic = LogisticRegression(max_iter=1000).fit(xt, yt)
     reference = float(roc_auc_score(yv, logistic.predict_proba(xv)[:, 1]))
     ours = result.metrics["auc"]

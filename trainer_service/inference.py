@@ -36,7 +36,7 @@ from onehop.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from trainer_service.model import TabularModel, select_device
+from trainer_service.model import ModelSpec, TabularModel, select_device
 from trainer_service.registry import ModelRecord, Registry
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,12 @@ class LoadedModel:
     @property
     def output(self) -> tuple[str, int]:
         """The OIP output tensor: its name and width."""
-        spec = self.record.spec
-        return ("prediction" if spec.task == "regression" else "probability", spec.outputs)
+        return output_tensor(self.record.spec)
+
+
+def output_tensor(spec: ModelSpec) -> tuple[str, int]:
+    """The OIP output tensor of a model with `spec`: its name and width."""
+    return ("prediction" if spec.task == "regression" else "probability", spec.outputs)
 
 
 class Predictor:

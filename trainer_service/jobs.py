@@ -153,12 +153,8 @@ class FlightData:
         self._client_factory = client_factory
 
     def describe(self, dataset: str, version: int) -> DatasetDescription:
-        client = self._client_factory()
-        try:
-            with _flight_errors():
-                info = client.describe(dataset, version)
-        finally:
-            client.close()
+        with self._client_factory() as client, _flight_errors():
+            info = client.describe(dataset, version)
         return DatasetDescription(
             name=info.name,
             version=info.version,
@@ -174,8 +170,7 @@ class FlightData:
     def open(
         self, dataset: DatasetDescription, columns: Sequence[str], target: str
     ) -> Iterator[list[ShardSource]]:
-        client = self._client_factory()
-        try:
+        with self._client_factory() as client:
             request = data_pb2.DataRequest(
                 dataset=dataset.name,
                 version=dataset.version,
@@ -198,8 +193,6 @@ class FlightData:
                     )
                 )
             yield sources
-        finally:
-            client.close()
 
 
 def _read(client: Any, endpoint: flight.FlightEndpoint) -> pa.Table:

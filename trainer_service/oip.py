@@ -19,7 +19,7 @@ import onehop
 from onehop.errors import FailedPrecondition, InvalidArgument, NotFound
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc
-from trainer_service.inference import Batcher, Predictor
+from trainer_service.inference import Batcher, Predictor, output_tensor
 
 SERVER_NAME = "onehop-trainer"
 INPUT = "input"
@@ -112,14 +112,14 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def _metadata(self, name: str, version: int) -> pb.ModelMetadataResponse:
         record = self._registry.record(name, version)
-        output = "prediction" if record.spec.task == "regression" else "probability"
+        output, width = output_tensor(record.spec)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=name,
             versions=[str(v) for v in self._registry.versions(name)],
             platform=PLATFORM,
             inputs=[tensor(name=INPUT, datatype="FP32", shape=[-1, len(record.features)])],
-            outputs=[tensor(name=output, datatype="FP32", shape=[-1, record.spec.outputs])],
+            outputs=[tensor(name=output, datatype="FP32", shape=[-1, width])],
         )
 
     async def ModelInfer(

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from onehop.errors import NotFound
+from shard_service.columns import is_numeric
 
 
 @dataclass(frozen=True)
@@ -89,13 +90,7 @@ class TableData:
         self.name = name
         self.table = table
         self.shards = max(1, min(shards, max(table.num_rows, 1)))
-        numeric = [
-            f.name
-            for f in table.schema
-            if pa.types.is_integer(f.type)
-            or pa.types.is_floating(f.type)
-            or pa.types.is_boolean(f.type)
-        ]
+        numeric = [f.name for f in table.schema if is_numeric(f.type)]
         self.columns = tuple(summarise(table, c) for c in numeric)
 
     def _bounds(self) -> list[tuple[int, int]]:
